@@ -1,0 +1,298 @@
+"""Real medical datasets shipped with fedcare, and the catalog that names them.
+
+Provenance, licences and checksums are in ``data/bundled/README.md``. Nothing
+is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from fedcare.errors import ConfigError, DataError
+from fedcare.plan import DatasetConfig
+from fedcare.tasks.base import DataSpec, SiteData, Split
+
+from fedcare.data.splits import dirichlet_partition, iid_partition, stratified_split
+
+__all__ = ["BreastCancer", "BundledDataset", "DatasetCatalog", "DatasetInfo", "HeartDisease"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``fedcare datasets`` shows about a bundled dataset."""
+
+    name: str
+    description: str
+    sites: str
+    patients: int
+    licence: str
+    source: str
+
+
+class BundledDataset(abc.ABC):
+    """A dataset that ships with fedcare, divided into sites."""
+
+    info: DatasetInfo
+
+    @abc.abstractmethod
+    def spec(self, config: DatasetConfig) -> DataSpec:
+        """The schema, known without loading a site."""
+
+    @abc.abstractmethod
+    def site_names(self, config: DatasetConfig) -> tuple[str, ...]:
+        """The sites the dataset is divided into under ``config``."""
+
+    @abc.abstractmethod
+    def _load_all(self, config: DatasetConfig) -> dict[str, SiteData]:
+        """Every site's train and test splits (before any validation carve)."""
+
+    def load_sites(self, config: DatasetConfig) -> dict[str, SiteData]:
+        """Every site's data; with ``validation_fraction`` the test split is a validation split.
+
+        With ``config.validation_fraction > 0`` each site's training split is
+        divided (stratified, fixed seed) into a smaller training split and a
+        validation split that takes the place of the test split, so that
+        hyperparameters are chosen without touching the test data.
+        """
+        sites = self._load_all(config)
+        if config.validation_fraction > 0:
+            sites = {name: _carve_validation(data, config.validation_fraction) for name, data in sites.items()}
+        return sites
+
+    def load_site(self, config: DatasetConfig, site: str) -> SiteData:
+        """One site's data.
+
+        Raises
+        ------
+        ConfigError
+            If ``site`` is not one of :meth:`site_names`.
+        """
+        sites = self.load_sites(config)
+        if site not in sites:
+            raise ConfigError(
+                f"dataset {self.info.name!r} has no site {site!r}; sites: {', '.join(sites)}",
+                field="site",
+            )
+        return sites[site]
+
+
+def _carve_validation(data: SiteData, fraction: float) -> SiteData:
+    rng = np.random.default_rng(20231)  # fixed: the same validation split for every training seed
+    y = data.train.y
+    if min(np.bincount(y, minlength=data.spec.num_classes)[np.unique(y)]) >= 2:
+        train_index, val_index = stratified_split(y, test_fraction=fraction, rng=rng)
+    else:
+        order = rng.permutation(len(y))
+        n_val = max(1, int(round(len(y) * fraction)))
+        train_index, val_index = np.sort(order[n_val:]), np.sort(order[:n_val])
+    train = Split(x=data.train.x[train_index], y=y[train_index])
+    validation = Split(x=data.train.x[val_index], y=y[val_index])
+    return SiteData(site=data.site, spec=data.spec, train=train, test=validation)
+
+
+def _bundled_path(*parts: str) -> Path:
+    return Path(str(resources.files("fedcare.data").joinpath("bundled", *parts)))
+
+
+class HeartDisease(BundledDataset):
+    """UCI Heart Disease from four hospitals, with FLamby's Fed-Heart-Disease preprocessing.
+
+    Columns slope, ca and thal are dropped, then every row with a missing
+    value (740 patients remain); the label is ``num > 0``; chest pain type and
+    resting ECG are one-hot encoded with the first level dropped (13
+    features). Each hospital is split with scikit-learn's ``train_test_split``
+    (``train_size=0.66``, ``random_state=43``, shuffled, stratified when both
+    classes have more than two patients): 199/104, 172/89, 30/16, 85/45.
+    """
+
+    info = DatasetInfo(
+        name="heart-disease",
+        description="UCI Heart Disease, binary: angiographic disease (num > 0); FLamby split",
+        sites="cleveland, hungary, switzerland, va-long-beach (natural)",
+        patients=740,
+        licence="CC BY 4.0",
+        source="UCI ML Repository, doi:10.24432/C52P4X (via owkin/FLamby)",
+    )
+    _FILES = {
+        "cleveland": ("processed.cleveland.data", "a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8"),
+        "hungary": ("processed.hungarian.data", "d1ad108f785768cd3d7e82dc522e6f5a61eea93cccfb3a46ee8076f73fc3d796"),
+        "switzerland": ("processed.switzerland.data", "834a405ccf5b66ab4056bb77794adc8df0b7125186454c0a1d002d33c6c3b314"),
+        "va-long-beach": ("processed.va.data", "e7c93d8d0d2acdadfa4c5e8de768e2191e7f618b952e29623f1f0d5949ff6b8f"),
+    }
+    FEATURES = (
+        "age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
+        "cp_atypical_angina", "cp_non_anginal", "cp_asymptomatic", "restecg_st_t", "restecg_lvh",
+    )  # fmt: skip
+
+    def spec(self, config: DatasetConfig) -> DataSpec:
+        return DataSpec(
+            num_features=len(self.FEATURES),
+            num_classes=2,
+            feature_names=self.FEATURES,
+            class_names=("no disease", "disease"),
+        )
+
+    def site_names(self, config: DatasetConfig) -> tuple[str, ...]:
+        return tuple(self._FILES)
+
+    def _load_all(self, config: DatasetConfig) -> dict[str, SiteData]:
+        from sklearn.model_selection import train_test_split
+
+        spec = self.spec(config)
+        sites = {}
+        for site, (filename, sha256) in self._FILES.items():
+            x, y = self._read_site(filename, sha256)
+            stratify = y if np.bincount(y, minlength=2).min() > 2 else None
+            x_train, x_test, y_train, y_test = train_test_split(
+                x, y, train_size=0.66, random_state=43, shuffle=True, stratify=stratify
+            )
+            sites[site] = SiteData(
+                site=site, spec=spec, train=Split(x_train, y_train), test=Split(x_test, y_test)
+            )
+        return sites
+
+    @staticmethod
+    def _read_site(filename: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
+        raw = _bundled_path("heart_disease", filename).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != sha256:
+            raise DataError(f"bundled file {filename} does not match its recorded SHA-256; reinstall fedcare")
+        rows = []
+        for line in raw.decode("ascii").splitlines():
+            values = line.strip().split(",")
+            if len(values) != 14:
+                continue
+            kept = values[:10] + values[13:]  # drop slope, ca, thal (columns 11-13)
+            if "?" in kept:
+                continue
+            rows.append([float(v) for v in kept])
+        table = np.asarray(rows, dtype=np.float64)
+        cp, restecg = table[:, 2], table[:, 6]
+        base = table[:, [0, 1, 3, 4, 5, 7, 8, 9]]
+        dummies = np.stack([cp == 2, cp == 3, cp == 4, restecg == 1, restecg == 2], axis=1)
+        x = np.concatenate([base, dummies.astype(np.float64)], axis=1).astype(np.float32)
+        y = (table[:, 10] > 0).astype(np.int64)
+        return x, y
+
+
+class BreastCancer(BundledDataset):
+    """Wisconsin Diagnostic Breast Cancer (scikit-learn's copy), split into ``num_nodes`` sites.
+
+    Label 1 is malignant. Sites get an IID share or a Dirichlet label-skewed
+    share (``partition``, ``dirichlet_alpha``); each site keeps 25% of its rows
+    (stratified) as its test split. The partition is fixed by ``plan.seed``-
+    independent seed 0, so training seeds do not move patients between sites.
+    """
+
+    info = DatasetInfo(
+        name="breast-cancer",
+        description="Wisconsin Diagnostic Breast Cancer, binary: malignant; 30 features",
+        sites="num_nodes synthetic sites (IID or Dirichlet label skew)",
+        patients=569,
+        licence="CC BY 4.0",
+        source="UCI ML Repository via scikit-learn's bundled copy",
+    )
+    _DEFAULT_NODES = 4
+
+    def spec(self, config: DatasetConfig) -> DataSpec:
+        with self._csv_path().open() as handle:
+            header = handle.readline().strip().split(",")
+        return DataSpec(
+            num_features=int(header[1]), num_classes=2, class_names=("benign", "malignant")
+        )
+
+    def site_names(self, config: DatasetConfig) -> tuple[str, ...]:
+        return tuple(f"site-{i}" for i in range(config.num_nodes or self._DEFAULT_NODES))
+
+    def _load_all(self, config: DatasetConfig) -> dict[str, SiteData]:
+        x, y = self._read()
+        names = self.site_names(config)
+        rng = np.random.default_rng(0)
+        if config.partition == "dirichlet":
+            parts = dirichlet_partition(y, num_parts=len(names), alpha=config.dirichlet_alpha, rng=rng)
+        else:
+            parts = iid_partition(len(y), num_parts=len(names), rng=rng)
+        spec = self.spec(config)
+        sites = {}
+        for name, rows in zip(names, parts, strict=True):
+            xs, ys = x[rows], y[rows]
+            if np.bincount(ys, minlength=2).min() >= 2:
+                train, test = stratified_split(ys, test_fraction=0.25, rng=rng)
+            else:
+                order = rng.permutation(len(ys))
+                cut = len(ys) // 4
+                train, test = np.sort(order[cut:]), np.sort(order[:cut])
+            sites[name] = SiteData(
+                site=name, spec=spec, train=Split(xs[train], ys[train]), test=Split(xs[test], ys[test])
+            )
+        return sites
+
+    @staticmethod
+    def _csv_path() -> Path:
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("the breast-cancer dataset needs scikit-learn installed")
+        return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "breast_cancer.csv"
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray]:
+        # Read the file scikit-learn ships, without importing scikit-learn (about 1 s).
+        with self._csv_path().open(newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader)
+            n_rows, n_features = int(header[0]), int(header[1])
+            table = np.asarray([row for row in reader], dtype=np.float64)
+        if table.shape != (n_rows, n_features + 1):
+            raise DataError(f"breast-cancer table has shape {table.shape}, expected {(n_rows, n_features + 1)}")
+        x = table[:, :n_features].astype(np.float32)
+        y = (table[:, n_features] == 0).astype(np.int64)  # scikit-learn: 0 = malignant
+        return x, y
+
+
+class DatasetCatalog:
+    """Datasets a simulation can use, by name; an object passed in, not a global.
+
+    Examples
+    --------
+    >>> catalog = DatasetCatalog.bundled()
+    >>> catalog.names()
+    ['breast-cancer', 'heart-disease']
+    >>> catalog.get("mnist")
+    Traceback (most recent call last):
+    ...
+    fedcare.errors.ConfigError: plan.dataset.name: unknown dataset 'mnist'; available: breast-cancer, heart-disease
+    """
+
+    def __init__(self, datasets: list[BundledDataset]) -> None:
+        self._datasets = {d.info.name: d for d in datasets}
+
+    @classmethod
+    def bundled(cls) -> DatasetCatalog:
+        """The datasets that ship with fedcare."""
+        return cls([HeartDisease(), BreastCancer()])
+
+    def names(self) -> list[str]:
+        """Dataset names, sorted."""
+        return sorted(self._datasets)
+
+    def get(self, name: str) -> BundledDataset:
+        """The dataset called ``name``.
+
+        Raises
+        ------
+        ConfigError
+            If there is none; the message lists the available ones.
+        """
+        try:
+            return self._datasets[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown dataset {name!r}; available: {', '.join(self.names())}",
+                field="plan.dataset.name",
+            ) from None

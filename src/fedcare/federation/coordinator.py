@@ -1,0 +1,408 @@
+"""The coordinator: the round loop, the same for every transport."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedcare import __version__
+from fedcare.data.normalization import FeatureStats, Standardization, combine_feature_stats
+from fedcare.errors import ConfigError, FederationError, ProtocolError
+from fedcare.federation.rundir import RunDirectory
+from fedcare.messages import Job, JobKind, JobResult
+from fedcare.metrics import aggregate_site_metrics
+from fedcare.params import Parameters
+from fedcare.plan import Plan, plan_hash
+from fedcare.strategies.base import Strategy
+from fedcare.transport.base import Transport
+
+__all__ = ["Coordinator", "EvaluationSummary", "RunResult"]
+
+logger = logging.getLogger(__name__)
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    """Federated evaluation of one global model.
+
+    Attributes
+    ----------
+    round : int
+        The round after which the model was evaluated.
+    sites : dict
+        Each site's metrics on its own test split.
+    examples : dict
+        Test examples per site.
+    mean : dict
+        Unweighted mean over sites (FLamby's metric).
+    pooled : dict
+        Mean weighted by test examples.
+    """
+
+    round: int
+    sites: dict[str, dict[str, float]]
+    examples: dict[str, int]
+    mean: dict[str, float]
+    pooled: dict[str, float]
+
+
+@dataclass
+class RunResult:
+    """What a completed run returns."""
+
+    run_id: str
+    run_dir: str | None
+    rounds_completed: int
+    parameters: Parameters
+    evaluations: list[EvaluationSummary] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    train_examples: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def final_evaluation(self) -> EvaluationSummary | None:
+        """The last federated evaluation, if any ran."""
+        return self.evaluations[-1] if self.evaluations else None
+
+
+class Coordinator:
+    """Runs the plan's rounds over whatever transport it is given.
+
+    Parameters
+    ----------
+    plan : Plan
+        The validated plan.
+    strategy : Strategy
+        Aggregation rule.
+    transport : Transport
+        Links to the nodes; the coordinator never knows which kind.
+    initial_parameters : Parameters
+        The global model before round 1.
+    run_dir : RunDirectory, optional
+        Where the plan, events, checkpoints and final model go.
+    on_event : callable, optional
+        Called with each event dict as it is logged (progress bars, dashboards).
+
+    Examples
+    --------
+    See :func:`fedcare.simulation.simulate`, which wires a coordinator to
+    in-process nodes.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        strategy: Strategy,
+        transport: Transport,
+        initial_parameters: Parameters,
+        run_dir: RunDirectory | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.plan = plan
+        self.strategy = strategy
+        self.transport = transport
+        self.initial_parameters = initial_parameters
+        self.run_dir = run_dir
+        self.on_event = on_event
+        self._plan_hash = plan_hash(plan)
+        self._run_id = uuid.uuid4().hex
+        self._normalization: Standardization | None = None
+
+    # -- public ----------------------------------------------------------------
+
+    def run(self, *, resume: bool = False) -> RunResult:
+        """Run every round of the plan, then evaluate and save the final model.
+
+        Parameters
+        ----------
+        resume : bool
+            Continue from the run directory's checkpoint, if one exists.
+
+        Returns
+        -------
+        RunResult
+
+        Raises
+        ------
+        ConfigError
+            If the plan asks for more nodes per round than are admitted.
+        FederationError
+            If fewer than ``plan.min_nodes`` nodes complete a round; the last
+            checkpoint is left intact.
+        """
+        started = time.perf_counter()
+        plan = self.plan
+        nodes = self._admitted_nodes()
+        per_round = plan.nodes_per_round or len(nodes)
+        if per_round > len(nodes):
+            raise ConfigError(
+                f"asks for {per_round} nodes per round but only {len(nodes)} nodes exist "
+                f"({', '.join(nodes)})",
+                field="plan.nodes_per_round",
+            )
+        if plan.min_nodes > per_round:
+            raise ConfigError(
+                f"needs {plan.min_nodes} nodes per round but only {per_round} take part",
+                field="plan.min_nodes",
+            )
+        result = RunResult(
+            run_id=self._run_id,
+            run_dir=str(self.run_dir.path) if self.run_dir else None,
+            rounds_completed=0,
+            parameters=self.initial_parameters.copy().freeze(),
+        )
+        first_round = 1
+        if resume and self.run_dir is not None:
+            checkpoint = self.run_dir.load_checkpoint()
+            if checkpoint is not None:
+                done, parameters, _state = checkpoint
+                result.parameters = parameters.freeze()
+                result.rounds_completed = done
+                first_round = done + 1
+        if self.run_dir is not None:
+            self.run_dir.write_plan(plan)
+        self._emit(
+            {
+                "event": "run_start",
+                "run_id": self._run_id,
+                "plan_hash": self._plan_hash,
+                "nodes": nodes,
+                "rounds": plan.rounds,
+                "first_round": first_round,
+            }
+        )
+        if plan.dataset.normalization == "federated":
+            self._normalization = self._federated_normalization(nodes, result)
+
+        for round_number in range(first_round, plan.rounds + 1):
+            result.parameters = self._train_round(round_number, nodes, per_round, result)
+            result.rounds_completed = round_number
+            if self.run_dir is not None:
+                self.run_dir.save_checkpoint(round=round_number, parameters=result.parameters, state={"run_id": self._run_id})
+            if round_number % plan.evaluation.every_rounds == 0 or round_number == plan.rounds:
+                result.evaluations.append(self._evaluate(round_number, nodes, result))
+
+        result.wall_s = time.perf_counter() - started
+        if self.run_dir is not None:
+            self.run_dir.save_model(result.parameters, self._model_card(result))
+        self._emit({"event": "run_end", "rounds_completed": result.rounds_completed, "wall_s": result.wall_s})
+        return result
+
+    # -- phases ----------------------------------------------------------------
+
+    def _admitted_nodes(self) -> list[str]:
+        reachable = self.transport.nodes()
+        if self.plan.nodes is None:
+            return reachable
+        return sorted(self.plan.nodes)
+
+    def _federated_normalization(self, nodes: list[str], result: RunResult) -> Standardization:
+        jobs = {node: self._job(0, node, JobKind.FEATURE_STATS) for node in nodes}
+        stats: list[FeatureStats] = []
+        for answer in self._exchange(jobs, result):
+            try:
+                stats.append(
+                    FeatureStats(
+                        count=answer.num_examples,
+                        sum=np.asarray(answer.statistics["sum"], dtype=np.float64),
+                        sum_of_squares=np.asarray(answer.statistics["sum_of_squares"], dtype=np.float64),
+                    )
+                )
+            except KeyError:
+                self._record_failure(result, answer, "feature statistics are missing")
+        widths = {s.sum.shape for s in stats} | {s.sum_of_squares.shape for s in stats}
+        if len(stats) < self.plan.min_nodes or len(widths) != 1:
+            raise FederationError(
+                f"federated normalization needs statistics of one width from at least "
+                f"{self.plan.min_nodes} nodes, got {len(stats)}",
+                round=0,
+            )
+        standardization = combine_feature_stats(stats)
+        self._emit({"event": "normalization", "nodes": len(stats), "num_examples": sum(s.count for s in stats)})
+        return standardization
+
+    def _train_round(
+        self, round_number: int, nodes: list[str], per_round: int, result: RunResult
+    ) -> Parameters:
+        plan = self.plan
+        round_started = time.perf_counter()
+        selection = np.random.default_rng([plan.seed, round_number]).choice(len(nodes), per_round, replace=False)
+        selected = [nodes[i] for i in sorted(selection)]
+        self._emit({"event": "round_start", "round": round_number, "nodes": selected})
+        extra = self.strategy.configure_train(round_number, selected)
+        global_parameters = result.parameters
+        self.strategy.begin_round(round_number, global_parameters)
+        jobs = {}
+        for node in selected:
+            seed = int(np.random.SeedSequence([plan.seed, round_number, nodes.index(node)]).generate_state(1)[0])
+            jobs[node] = self._job(round_number, node, JobKind.TRAIN, global_parameters, {"seed": seed, **extra.get(node, {})})
+        accepted: dict[str, int] = {}
+        losses: list[tuple[float, int]] = []
+        for answer in self._exchange(jobs, result):
+            try:
+                update = self._check_update(answer, global_parameters)
+                self.strategy.accumulate(update, weight=answer.num_examples, node_id=answer.node_id)
+            except ProtocolError as exc:
+                self._record_failure(result, answer, exc.message)
+                continue
+            accepted[answer.node_id] = answer.num_examples
+            result.train_examples[answer.node_id] = answer.num_examples
+            if "train_loss" in answer.metrics:
+                losses.append((float(answer.metrics["train_loss"]), answer.num_examples))
+        if len(accepted) < plan.min_nodes:
+            failed = [f for f in result.failures if f["round"] == round_number]
+            reasons = "; ".join(f"{f['node_id']}: {f['error']}" for f in failed) or "no answers"
+            self._emit({"event": "round_failed", "round": round_number, "nodes_ok": sorted(accepted)})
+            raise FederationError(
+                f"only {len(accepted)} of {len(selected)} nodes completed the round, fewer than "
+                f"min_nodes={plan.min_nodes} ({reasons}); the checkpoint of round "
+                f"{result.rounds_completed} is intact",
+                round=round_number,
+            )
+        new_parameters = self.strategy.finalize().freeze()
+        total = sum(n for _, n in losses)
+        self._emit(
+            {
+                "event": "round_end",
+                "round": round_number,
+                "nodes_ok": sorted(accepted),
+                "nodes_failed": sorted(set(selected) - set(accepted)),
+                "num_examples": sum(accepted.values()),
+                "train_loss": sum(l * n for l, n in losses) / total if total else None,
+                "duration_s": time.perf_counter() - round_started,
+            }
+        )
+        return new_parameters
+
+    def _evaluate(self, round_number: int, nodes: list[str], result: RunResult) -> EvaluationSummary:
+        jobs = {node: self._job(round_number, node, JobKind.EVALUATE, result.parameters) for node in nodes}
+        sites: dict[str, dict[str, float]] = {}
+        examples: dict[str, int] = {}
+        for answer in self._exchange(jobs, result):
+            sites[answer.node_id] = {k: float(v) for k, v in answer.metrics.items()}
+            examples[answer.node_id] = answer.num_examples
+        sites = dict(sorted(sites.items()))
+        summary = aggregate_site_metrics(sites, examples)
+        evaluation = EvaluationSummary(
+            round=round_number, sites=sites, examples=dict(sorted(examples.items())), mean=summary["mean"], pooled=summary["pooled"]
+        )
+        self._emit(
+            {
+                "event": "evaluation",
+                "round": round_number,
+                "sites": evaluation.sites,
+                "examples": evaluation.examples,
+                "mean": evaluation.mean,
+                "pooled": evaluation.pooled,
+            }
+        )
+        return evaluation
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _job(
+        self,
+        round_number: int,
+        node: str,
+        kind: JobKind,
+        parameters: Parameters | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Job:
+        full_config = dict(config or {})
+        if self._normalization is not None:
+            full_config["normalization"] = self._normalization.to_config()
+        return Job(
+            run_id=self._run_id,
+            round=round_number,
+            job_id=f"{round_number}-{kind.value}-{node}-{uuid.uuid4().hex[:8]}",
+            kind=kind,
+            plan_hash=self._plan_hash,
+            parameters=parameters,
+            config=full_config,
+        )
+
+    def _exchange(self, jobs: Mapping[str, Job], result: RunResult) -> Iterator[JobResult]:
+        """Submit ``jobs`` and yield the successful answers; record failures and stragglers."""
+        for node, job in jobs.items():
+            self.transport.submit(node, job)
+        pending = {job.job_id: node for node, job in jobs.items()}
+        for answer in self.transport.results(list(pending), timeout_s=self.plan.round_timeout_s):
+            expected = pending.pop(answer.job_id, None)
+            if expected != answer.node_id or answer.run_id != self._run_id:
+                logger.warning("refused a result that does not match its job", extra={"node_id": answer.node_id})
+                continue
+            if not answer.ok:
+                self._record_failure(result, answer, answer.error or "unknown error")
+                continue
+            yield answer
+        for job_id, node in pending.items():
+            round_number = jobs[node].round
+            result.failures.append({"round": round_number, "node_id": node, "error": "no answer before the round deadline"})
+            self._emit({"event": "node_late", "round": round_number, "node_id": node, "job_id": job_id})
+
+    def _check_update(self, answer: JobResult, global_parameters: Parameters) -> Parameters:
+        update = answer.update
+        if update is None:
+            raise ProtocolError("training result carries no update")
+        if update.spec != global_parameters.spec:
+            raise ProtocolError(
+                f"update has tensors {_describe(update)}, the model has {_describe(global_parameters)}"
+            )
+        if not np.isfinite(np.add.reduce(update.flatten(), dtype=np.float64)):
+            bad = int(np.count_nonzero(~np.isfinite(update.flatten())))
+            raise ProtocolError(f"update contains {bad} non-finite values (NaN or Inf)")
+        if answer.num_examples <= 0:
+            raise ProtocolError(f"update reports {answer.num_examples} training examples")
+        return update
+
+    def _record_failure(self, result: RunResult, answer: JobResult, message: str) -> None:
+        failure = {"round": answer.round, "node_id": answer.node_id, "kind": answer.kind.value, "error": message}
+        result.failures.append(failure)
+        logger.warning("node failed a job", extra={"node_id": answer.node_id, "round": answer.round})
+        self._emit({"event": "node_failed", **failure})
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        event = {"time": time.time(), **event}
+        if self.run_dir is not None:
+            self.run_dir.log_event(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _model_card(self, result: RunResult) -> dict[str, Any]:
+        plan = self.plan
+        final = result.final_evaluation
+        return {
+            "fedcare_version": __version__,
+            "run_id": result.run_id,
+            "plan_hash": self._plan_hash,
+            "task": plan.task,
+            "dataset": plan.dataset.model_dump(mode="json"),
+            "strategy": plan.strategy.model_dump(mode="json"),
+            "rounds_completed": result.rounds_completed,
+            "sites": sorted(result.train_examples),
+            "train_examples": dict(sorted(result.train_examples.items())),
+            "test_examples": final.examples if final else {},
+            "metrics": {"sites": final.sites, "mean": final.mean, "pooled": final.pooled} if final else {},
+            "privacy": {
+                "differential_privacy": None,
+                "secure_aggregation": False,
+                "data_leaving_sites": "model updates, metrics, example counts"
+                + (", per-feature sums and sums of squares" if plan.dataset.normalization == "federated" else ""),
+            },
+            "parameters": {name: list(shape) for name, shape in result.parameters.spec},
+        }
+
+
+def _describe(parameters: Parameters) -> str:
+    return ", ".join(f"{name}{list(shape)}" for name, shape in parameters.spec[:4]) + (
+        ", ..." if len(parameters) > 4 else ""
+    )

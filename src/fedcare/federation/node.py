@@ -1,0 +1,198 @@
+"""The node: one site's side of the federation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from fedcare.data.normalization import Standardization, feature_stats
+from fedcare.errors import FedcareError, ProtocolError
+from fedcare.messages import Job, JobKind, JobResult
+from fedcare.params import Parameters
+from fedcare.plan import Plan, plan_hash
+from fedcare.tasks.base import SiteData, Task
+from fedcare.transport.base import NodeChannel
+
+__all__ = ["Node"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_ERROR_CHARS = 500
+
+
+class Node:
+    """A site: runs registered tasks on its own data and returns only updates and numbers.
+
+    Parameters
+    ----------
+    node_id : str
+        The site's identifier (in deployment, its certificate's subject).
+    task : Task
+        The locally installed task the plan names.
+    data : SiteData
+        The site's local data; it never leaves this object.
+    plan : Plan
+        The plan the site approved; jobs made for another plan are refused.
+
+    Examples
+    --------
+    >>> from fedcare.data import DatasetCatalog
+    >>> from fedcare.plan import parse_plan
+    >>> from fedcare.tasks.tabular import LogisticTask
+    >>> plan = parse_plan({"task": "tabular-logistic", "rounds": 1,
+    ...                    "dataset": {"name": "breast-cancer", "normalization": "per-site"}})
+    >>> data = DatasetCatalog.bundled().get("breast-cancer").load_site(plan.dataset, "site-0")
+    >>> node = Node("site-0", task=LogisticTask(), data=data, plan=plan)
+    >>> job = Job("run", 0, "j0", JobKind.FEATURE_STATS, plan_hash=plan_hash(plan))
+    >>> node.handle(job).num_examples == len(data.train)
+    True
+    """
+
+    def __init__(self, node_id: str, *, task: Task, data: SiteData, plan: Plan) -> None:
+        self.node_id = node_id
+        self.task = task
+        self.plan = plan
+        self._data = data
+        self._plan_hash = plan_hash(plan)
+        self._model: Any = None
+        self._prepared: tuple[Any, SiteData] | None = None
+
+    # -- serving ---------------------------------------------------------------
+
+    def serve(self, channel: NodeChannel, *, poll_s: float = 0.5) -> None:
+        """Pull jobs and push results until the channel closes."""
+        while not channel.closed:
+            job = channel.pull_job(timeout_s=poll_s)
+            if job is None:
+                continue
+            channel.push_result(self.handle(job))
+
+    def handle(self, job: Job) -> JobResult:
+        """Do one job; failures become a result with ``error`` set, never an exception."""
+        started = time.perf_counter()
+        context = {"node_id": self.node_id, "round": job.round}
+        try:
+            if job.plan_hash != self._plan_hash:
+                raise ProtocolError(
+                    "job was made for a different plan than the one this site approved",
+                    node_id=self.node_id,
+                    round=job.round,
+                )
+            if job.kind is JobKind.TRAIN:
+                result = self._train(job)
+            elif job.kind is JobKind.EVALUATE:
+                result = self._evaluate(job)
+            elif job.kind is JobKind.FEATURE_STATS:
+                result = self._feature_stats(job)
+            else:  # pragma: no cover - JobKind is closed
+                raise ProtocolError(f"unknown job kind {job.kind!r}")
+        except FedcareError as exc:
+            logger.warning("job refused or failed", extra={**context, "error_type": type(exc).__name__})
+            result = self._failure(job, exc.message)
+        except Exception as exc:  # a task's own failure: report it, keep serving
+            logger.warning("task raised", extra={**context, "error_type": type(exc).__name__})
+            result = self._failure(job, f"task raised {type(exc).__name__}: {exc}")
+        return _with_duration(result, time.perf_counter() - started)
+
+    # -- jobs ------------------------------------------------------------------
+
+    def _train(self, job: Job) -> JobResult:
+        if job.parameters is None:
+            raise ProtocolError("a training job must carry the global parameters")
+        model = self._model_with(job.parameters)
+        data = self._prepare(job.config)
+        outcome = self.task.train(model, data.train, self.plan, seed=int(job.config.get("seed", 0)))
+        new = self.task.get_parameters(model)
+        if new.spec != job.parameters.spec:
+            raise ProtocolError("the task changed the model's tensors during training")
+        delta = new.flatten()
+        np.subtract(delta, job.parameters.flatten(), out=delta)
+        if not np.isfinite(np.add.reduce(delta, dtype=np.float64)):
+            raise ProtocolError("local training produced non-finite weights (NaN or Inf); lower the learning rate")
+        return JobResult(
+            run_id=job.run_id,
+            round=job.round,
+            job_id=job.job_id,
+            kind=job.kind,
+            node_id=self.node_id,
+            update=Parameters.from_flat(delta, new.spec),
+            num_examples=outcome.num_examples,
+            metrics={**outcome.metrics, "steps": float(outcome.steps)},
+        )
+
+    def _evaluate(self, job: Job) -> JobResult:
+        if job.parameters is None:
+            raise ProtocolError("an evaluation job must carry the global parameters")
+        model = self._model_with(job.parameters)
+        data = self._prepare(job.config)
+        metrics = self.task.evaluate(model, data.test)
+        return JobResult(
+            run_id=job.run_id,
+            round=job.round,
+            job_id=job.job_id,
+            kind=job.kind,
+            node_id=self.node_id,
+            num_examples=len(data.test),
+            metrics=metrics,
+        )
+
+    def _feature_stats(self, job: Job) -> JobResult:
+        stats = feature_stats(self._data.train.x)
+        return JobResult(
+            run_id=job.run_id,
+            round=job.round,
+            job_id=job.job_id,
+            kind=job.kind,
+            node_id=self.node_id,
+            num_examples=stats.count,
+            statistics={"sum": tuple(stats.sum.tolist()), "sum_of_squares": tuple(stats.sum_of_squares.tolist())},
+        )
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _model_with(self, parameters: Parameters) -> Any:
+        if self._model is None:
+            self._model = self.task.build_model(self._data.spec, self.plan)
+        self.task.set_parameters(self._model, parameters)
+        return self._model
+
+    def _prepare(self, config: Any) -> SiteData:
+        """The local data as the plan's normalization asks, cached between rounds."""
+        mode = self.plan.dataset.normalization
+        if mode == "none":
+            return self._data
+        if mode == "per-site":
+            key: Any = "per-site"
+        else:
+            if "normalization" not in config:
+                raise ProtocolError("federated normalization was planned but the job carries no statistics")
+            value = config["normalization"]
+            key = (tuple(value["mean"]), tuple(value["scale"]))
+        if self._prepared is not None and self._prepared[0] == key:
+            return self._prepared[1]
+        if mode == "per-site":
+            standardization = Standardization.fit(self._data.train.x)
+        else:
+            standardization = Standardization.from_config(value, num_features=self._data.spec.num_features)
+        prepared = standardization.apply_site(self._data)
+        self._prepared = (key, prepared)
+        return prepared
+
+    def _failure(self, job: Job, message: str) -> JobResult:
+        return JobResult(
+            run_id=job.run_id,
+            round=job.round,
+            job_id=job.job_id,
+            kind=job.kind,
+            node_id=self.node_id,
+            error=message[:_MAX_ERROR_CHARS],
+        )
+
+
+def _with_duration(result: JobResult, duration_s: float) -> JobResult:
+    from dataclasses import replace
+
+    return replace(result, duration_s=duration_s)

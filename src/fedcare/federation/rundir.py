@@ -1,0 +1,142 @@
+"""The run directory: plan, event log, checkpoints, final model and model card.
+
+Layout::
+
+    RUN/
+      plan.yaml                 the plan, as validated
+      metrics.jsonl             one JSON event per line, appended and flushed
+      checkpoints/latest.safetensors + latest.json   the last completed round
+      model.safetensors         the final global model
+      model_card.json           sites, example counts, metrics, privacy settings
+
+Files are written atomically (temporary file, then rename), so a crash never
+leaves a half-written checkpoint in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from fedcare.errors import DataError
+from fedcare.params import Parameters
+from fedcare.plan import Plan
+
+__all__ = ["RunDirectory"]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    """Where one run keeps its record.
+
+    Parameters
+    ----------
+    path : str or Path
+        Created if missing.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> run = RunDirectory(tempfile.mkdtemp())
+    >>> run.log_event({"event": "round_end", "round": 1, "loss": float("nan")})
+    >>> run.events()[0]["loss"] is None
+    True
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoints" / "latest.safetensors"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def model_card_path(self) -> Path:
+        return self.path / "model_card.json"
+
+    def write_plan(self, plan: Plan) -> None:
+        """Save the validated plan as ``plan.yaml``."""
+        import yaml
+
+        text = yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False)
+        _atomic_write(self.path / "plan.yaml", text.encode())
+
+    def log_event(self, event: dict[str, Any]) -> None:
+        """Append one event to ``metrics.jsonl`` (NaN and Inf become null)."""
+        line = json.dumps(_jsonable(event), sort_keys=False) + "\n"
+        with self._lock, self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event logged so far."""
+        if not self.metrics_path.exists():
+            return []
+        with self.metrics_path.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def save_checkpoint(self, *, round: int, parameters: Parameters, state: dict[str, Any]) -> None:  # noqa: A002
+        """Replace the checkpoint with the state after ``round``."""
+        _atomic_write(self.checkpoint_path, parameters.to_bytes())
+        meta = {"round": round, **state}
+        _atomic_write(self.checkpoint_path.with_suffix(".json"), json.dumps(_jsonable(meta)).encode())
+
+    def load_checkpoint(self) -> tuple[int, Parameters, dict[str, Any]] | None:
+        """The last completed round, its parameters and state; None if there is none.
+
+        Raises
+        ------
+        DataError
+            If a checkpoint exists but cannot be read.
+        """
+        meta_path = self.checkpoint_path.with_suffix(".json")
+        if not meta_path.exists() or not self.checkpoint_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            parameters = Parameters.from_bytes(self.checkpoint_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"checkpoint in {self.path.name} cannot be read: {exc}") from exc
+        return int(meta.pop("round")), parameters, meta
+
+    def save_model(self, parameters: Parameters, card: dict[str, Any]) -> None:
+        """Write the final model and its model card."""
+        _atomic_write(self.model_path, parameters.to_bytes())
+        _atomic_write(self.model_card_path, json.dumps(_jsonable(card), indent=2).encode())

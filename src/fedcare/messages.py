@@ -1,0 +1,103 @@
+"""The messages that travel between the coordinator and the nodes.
+
+A :class:`Job` goes from the coordinator to one node; a :class:`JobResult`
+comes back. Both hold only a declarative configuration, parameters and
+numbers: never code, never data rows.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcare.params import Parameters
+
+__all__ = ["Job", "JobKind", "JobResult"]
+
+
+class JobKind(enum.Enum):
+    """What a node is asked to do."""
+
+    #: Train the global model locally and return the update (new - global).
+    TRAIN = "train"
+    #: Evaluate the global model on the local test split and return metrics.
+    EVALUATE = "evaluate"
+    #: Return per-feature counts, sums and sums of squares of the training split,
+    #: for federated feature normalization. Only these aggregates leave the site.
+    FEATURE_STATS = "feature-stats"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work sent to one node.
+
+    Attributes
+    ----------
+    run_id : str
+        The run this job belongs to; a node refuses jobs of another run.
+    round : int
+        Federation round (1-based; 0 for set-up jobs).
+    job_id : str
+        Unique within the run; the result must echo it.
+    kind : JobKind
+        What to do.
+    plan_hash : str
+        SHA-256 of the plan the node approved; a mismatch is refused.
+    parameters : Parameters, optional
+        Global model weights (read-only), for TRAIN and EVALUATE.
+    config : Mapping[str, Any]
+        Per-round, JSON-able settings: the training seed, normalization
+        statistics, strategy options.
+    """
+
+    run_id: str
+    round: int
+    job_id: str
+    kind: JobKind
+    plan_hash: str
+    parameters: Parameters | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A node's answer to one :class:`Job`.
+
+    Attributes
+    ----------
+    run_id, round, job_id, kind
+        Echoed from the job.
+    node_id : str
+        The answering node.
+    update : Parameters, optional
+        For TRAIN: new weights minus global weights.
+    num_examples : int
+        Examples trained on (TRAIN) or evaluated (EVALUATE, FEATURE_STATS).
+    metrics : Mapping[str, float]
+        Training or evaluation metrics; numbers only.
+    statistics : Mapping[str, tuple[float, ...]]
+        For FEATURE_STATS: ``sum`` and ``sum_of_squares`` per feature.
+    error : str, optional
+        Set when the node could not do the job; says why (no patient data).
+    duration_s : float
+        Wall time the node spent on the job, in seconds.
+    """
+
+    run_id: str
+    round: int
+    job_id: str
+    kind: JobKind
+    node_id: str
+    update: Parameters | None = None
+    num_examples: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    statistics: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    error: str | None = None
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the node did the job."""
+        return self.error is None

@@ -1,0 +1,245 @@
+"""The federation plan: a declarative description of one training run.
+
+A plan names a registered task and dataset, the strategy and the training
+recipe. It carries no code: every site runs only tasks installed locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedcare.errors import ConfigError
+
+__all__ = [
+    "DatasetConfig",
+    "EvaluationConfig",
+    "LocalTraining",
+    "ModelConfig",
+    "Plan",
+    "StrategyConfig",
+    "load_plan",
+    "parse_plan",
+    "plan_hash",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Section):
+    """Which data each site trains on and how features are prepared.
+
+    Attributes
+    ----------
+    name : str
+        A dataset known to the sites (``fedcare datasets`` lists the bundled ones).
+    normalization : {"federated", "per-site", "none"}
+        ``federated`` standardizes every site with a global mean and standard
+        deviation computed by the coordinator from each site's counts, sums and
+        sums of squares; ``per-site`` standardizes each site with its own
+        training statistics; ``none`` leaves features as they are.
+    num_nodes : int, optional
+        For datasets that are split into sites (``breast-cancer``): how many.
+    partition : {"iid", "dirichlet"}
+        How a split dataset is divided among sites.
+    dirichlet_alpha : float
+        Concentration of the Dirichlet label skew (smaller is more skewed).
+    validation_fraction : float
+        When above 0, each site carves this share of its training split off as
+        a validation split (stratified), trains on the rest and reports
+        evaluation on the validation split. Used to choose hyperparameters
+        without looking at the test split.
+    """
+
+    name: str
+    normalization: Literal["federated", "per-site", "none"] = "federated"
+    num_nodes: int | None = Field(default=None, ge=1)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(default=0.5, gt=0)
+    validation_fraction: float = Field(default=0.0, ge=0, lt=1)
+
+
+class LocalTraining(_Section):
+    """The recipe each site follows in one round.
+
+    Exactly one of ``epochs`` and ``steps`` is set.
+    """
+
+    epochs: int | None = Field(default=1, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_replace_epochs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("steps") is not None and "epochs" not in data:
+            data = {**data, "epochs": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> LocalTraining:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("set exactly one of epochs and steps")
+        return self
+
+
+class StrategyConfig(_Section):
+    """How the coordinator combines site updates."""
+
+    name: Literal["fedavg"] = "fedavg"
+    server_learning_rate: float = Field(default=1.0, gt=0)
+
+
+class EvaluationConfig(_Section):
+    """When the global model is evaluated at every site.
+
+    Federated evaluation runs after every ``every_rounds`` rounds and always
+    after the last round.
+    """
+
+    every_rounds: int = Field(default=1, ge=1)
+
+
+class ModelConfig(_Section):
+    """Architecture options read by the task (ignored where irrelevant)."""
+
+    hidden_units: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class Plan(_Section):
+    """One federated training run.
+
+    Examples
+    --------
+    >>> plan = parse_plan({"task": "tabular-logistic", "dataset": {"name": "heart-disease"},
+    ...                    "rounds": 3})
+    >>> plan.strategy.name, plan.local.batch_size
+    ('fedavg', 32)
+    >>> parse_plan({"task": "tabular-logistic", "dataset": {"name": "heart-disease"},
+    ...             "rounds": 0})
+    Traceback (most recent call last):
+    ...
+    fedcare.errors.ConfigError: plan.rounds: Input should be greater than or equal to 1, got 0
+    """
+
+    name: str = "fedcare-run"
+    task: str
+    dataset: DatasetConfig
+    nodes: tuple[str, ...] | None = None
+    rounds: int = Field(ge=1)
+    nodes_per_round: int | None = Field(default=None, ge=1)
+    min_nodes: int = Field(default=1, ge=1)
+    local: LocalTraining = LocalTraining()
+    strategy: StrategyConfig = StrategyConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    model: ModelConfig = ModelConfig()
+    seed: int = 0
+    round_timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _minimum_fits(self) -> Plan:
+        if self.nodes_per_round is not None and self.min_nodes > self.nodes_per_round:
+            raise ValueError(
+                f"min_nodes ({self.min_nodes}) is larger than nodes_per_round "
+                f"({self.nodes_per_round})"
+            )
+        if self.nodes is not None and len(set(self.nodes)) != len(self.nodes):
+            raise ValueError("nodes lists a node twice")
+        return self
+
+
+def _format_validation_error(error: ValidationError, *, root: str) -> ConfigError:
+    problems = []
+    first_field = None
+    for item in error.errors():
+        path = ".".join(str(part) for part in (root, *item["loc"]))
+        first_field = first_field or path
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("missing", "value_error") and "input" in item:
+            message = f"{message}, got {item['input']!r}"
+        problems.append(f"{path}: {message}")
+    if len(problems) == 1:
+        field, _, message = problems[0].partition(": ")
+        return ConfigError(message, field=field)
+    return ConfigError("; ".join(problems), field=first_field)
+
+
+def parse_plan(data: Any) -> Plan:
+    """Validate a plan given as a mapping.
+
+    Parameters
+    ----------
+    data : Mapping
+        The plan, as loaded from YAML or JSON.
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    ConfigError
+        Naming the field path and the value received for each problem.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"a plan must be a mapping, got {type(data).__name__}", field="plan")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation_error(exc, root="plan") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a YAML plan file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The plan file.
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not YAML, or fails validation.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read plan file: {exc.strerror}", field="plan") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"plan file is not valid YAML: {exc}", field="plan") from None
+    return parse_plan(data)
+
+
+def plan_hash(plan: Plan) -> str:
+    """SHA-256 of the plan's canonical JSON form; nodes check tasks against it.
+
+    Examples
+    --------
+    >>> p = parse_plan({"task": "tabular-logistic", "dataset": {"name": "heart-disease"},
+    ...                 "rounds": 1})
+    >>> len(plan_hash(p))
+    64
+    """
+    canonical = json.dumps(plan.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,15 @@
+"""Tasks: models and training recipes installed at each site, registered by name."""
+
+from fedcare.tasks.base import DataSpec, SiteData, Split, Task, TrainHook, TrainResult
+from fedcare.tasks.registry import ENTRY_POINT_GROUP, TaskRegistry
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "DataSpec",
+    "SiteData",
+    "Split",
+    "Task",
+    "TaskRegistry",
+    "TrainHook",
+    "TrainResult",
+]

@@ -1,0 +1,152 @@
+"""The Task interface: what a site runs, and the data types it runs on.
+
+A task is installed at the site and registered by name; the coordinator only
+names it in the plan. The node holds an opaque ``model`` object built by the
+task and moves weights in and out of it through :class:`Parameters`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedcare.params import Parameters
+from fedcare.plan import Plan
+
+__all__ = ["DataSpec", "SiteData", "Split", "Task", "TrainHook", "TrainResult"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The schema of a dataset, known without reading any site's records.
+
+    Attributes
+    ----------
+    num_features : int
+        Width of a feature vector.
+    num_classes : int
+        Number of label classes (2 for binary tasks).
+    feature_names : tuple of str
+        Names of the features, in column order.
+    class_names : tuple of str
+        Names of the classes, by label index.
+    """
+
+    num_features: int
+    num_classes: int
+    feature_names: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features and labels of one split of one site.
+
+    Attributes
+    ----------
+    x : numpy.ndarray
+        ``(n, num_features)`` float32 features.
+    y : numpy.ndarray
+        ``(n,)`` int64 labels.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's local data: a training and a test split, never sent anywhere."""
+
+    site: str
+    spec: DataSpec
+    train: Split
+    test: Split
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What local training reports back (numbers only).
+
+    Attributes
+    ----------
+    num_examples : int
+        Training examples seen in this round, the FedAvg weight.
+    steps : int
+        Optimizer steps taken.
+    metrics : Mapping[str, float]
+        E.g. the mean training loss.
+    """
+
+    num_examples: int
+    steps: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class TrainHook(Protocol):
+    """Changes local training without the task knowing (proximal terms, DP, ...).
+
+    A hook sees the model and the loss of each batch and returns the loss to
+    back-propagate.
+    """
+
+    def on_loss(self, model: Any, loss: Any) -> Any:
+        """Return the (possibly augmented) loss of one batch."""
+        ...
+
+
+class Task(abc.ABC):
+    """A model and its training recipe, installed at every site.
+
+    Subclasses implement the six methods below; the node calls them in the
+    order build, set, train or evaluate, get.
+    """
+
+    #: Registered name, used in plans.
+    name: str = ""
+
+    @abc.abstractmethod
+    def build_model(self, spec: DataSpec, plan: Plan, *, seed: int | None = None) -> Any:
+        """Create a fresh model for data of shape ``spec``.
+
+        Parameters
+        ----------
+        spec : DataSpec
+            The dataset schema.
+        plan : Plan
+            The run's plan (architecture options live in ``plan.model``).
+        seed : int, optional
+            Seed for the initial weights; ``None`` leaves them unseeded (the
+            node overwrites them with the global weights anyway).
+        """
+
+    @abc.abstractmethod
+    def get_parameters(self, model: Any) -> Parameters:
+        """Return a copy of the model's trainable state as parameters."""
+
+    @abc.abstractmethod
+    def set_parameters(self, model: Any, parameters: Parameters) -> None:
+        """Load ``parameters`` into the model (shapes must match)."""
+
+    @abc.abstractmethod
+    def train(
+        self,
+        model: Any,
+        data: Split,
+        plan: Plan,
+        *,
+        seed: int,
+        hooks: Sequence[TrainHook] = (),
+    ) -> TrainResult:
+        """Train the model in place on ``data`` following ``plan.local``."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: Any, data: Split) -> dict[str, float]:
+        """Return metrics of the model on ``data``."""

@@ -1,0 +1,160 @@
+"""A base class for tasks whose model is a ``torch.nn.Module``."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedcare.errors import ProtocolError
+from fedcare.metrics import binary_metrics, multiclass_metrics
+from fedcare.params import Parameters
+from fedcare.plan import Plan
+from fedcare.tasks.base import DataSpec, Split, Task, TrainHook, TrainResult
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TorchClassificationTask"]
+
+
+class TorchClassificationTask(Task):
+    """Supervised classification with a PyTorch module on in-memory arrays.
+
+    Subclasses only implement :meth:`make_module`. Binary tasks use one logit
+    and binary cross-entropy; multi-class tasks use cross-entropy. Batches are
+    drawn from a ``numpy.random.Generator`` seeded by the coordinator, so a
+    run is reproducible whatever the transport and thread schedule.
+    """
+
+    @abc.abstractmethod
+    def make_module(self, spec: DataSpec, plan: Plan) -> torch.nn.Module:
+        """Return a new, randomly initialised module."""
+
+    def build_model(self, spec: DataSpec, plan: Plan, *, seed: int | None = None) -> Any:
+        import torch
+
+        if seed is None:
+            return self.make_module(spec, plan)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.make_module(spec, plan)
+
+    def get_parameters(self, model: Any) -> Parameters:
+        state = model.state_dict()
+        parameters = Parameters(
+            {name: t.detach().cpu().numpy() for name, t in state.items() if t.is_floating_point()}
+        )
+        parameters.flatten()  # copies into one fresh buffer: detached from the live model
+        return parameters
+
+    def set_parameters(self, model: Any, parameters: Parameters) -> None:
+        state = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+        if list(state) != list(parameters):
+            raise ProtocolError(
+                f"parameters name {len(parameters)} tensors, the model has {len(state)} "
+                "with other names; is the node running the same task version?"
+            )
+        for name, tensor in state.items():
+            incoming = parameters[name]
+            if tuple(tensor.shape) != incoming.shape:
+                raise ProtocolError(
+                    f"tensor {name!r} has shape {incoming.shape}, the model expects "
+                    f"{tuple(tensor.shape)}"
+                )
+            np.copyto(tensor.detach().numpy(), incoming)
+
+    def train(
+        self,
+        model: Any,
+        data: Split,
+        plan: Plan,
+        *,
+        seed: int,
+        hooks: Sequence[TrainHook] = (),
+    ) -> TrainResult:
+        import torch
+
+        local = plan.local
+        n = len(data)
+        if n == 0:
+            return TrainResult(num_examples=0, steps=0, metrics={})
+        x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))
+        binary = model_outputs(model) == 1
+        y = torch.from_numpy(data.y.astype(np.float32 if binary else np.int64, copy=False))
+        loss_fn: Any = (
+            torch.nn.functional.binary_cross_entropy_with_logits
+            if binary
+            else torch.nn.functional.cross_entropy
+        )
+        optimizer = make_optimizer(model, plan)
+        rng = np.random.default_rng(seed)
+        batch = min(local.batch_size, n)
+        batches_per_epoch = -(-n // batch)
+        total_steps = local.steps if local.steps is not None else batches_per_epoch * (local.epochs or 1)
+        model.train()
+        steps = 0
+        loss_sum = 0.0
+        seen = 0
+        order = rng.permutation(n)
+        position = 0
+        while steps < total_steps:
+            if position >= n:
+                order = rng.permutation(n)
+                position = 0
+            index = torch.from_numpy(order[position : position + batch])
+            position += batch
+            xb, yb = x[index], y[index]
+            optimizer.zero_grad(set_to_none=True)
+            output = model(xb)
+            if binary:
+                output = output.reshape(-1)
+            loss = loss_fn(output, yb)
+            for hook in hooks:
+                loss = hook.on_loss(model, loss)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(index)
+            seen += len(index)
+        return TrainResult(num_examples=n, steps=steps, metrics={"train_loss": loss_sum / seen})
+
+    def evaluate(self, model: Any, data: Split) -> dict[str, float]:
+        import torch
+
+        if len(data) == 0:
+            return {}
+        model.eval()
+        with torch.inference_mode():
+            output = model(torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)))
+        if model_outputs(model) == 1:
+            probability = torch.sigmoid(output.reshape(-1)).numpy()
+            return binary_metrics(data.y, probability)
+        return multiclass_metrics(data.y, torch.softmax(output, dim=1).numpy())
+
+
+def model_outputs(model: Any) -> int:
+    """Number of output units of a module whose last layer is ``Linear``."""
+    import torch
+
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    return int(last.out_features)
+
+
+def make_optimizer(model: Any, plan: Plan) -> Any:
+    """The optimizer ``plan.local`` names, over the model's parameters."""
+    import torch
+
+    local = plan.local
+    if local.optimizer == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=local.learning_rate, weight_decay=local.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=local.learning_rate,
+        momentum=local.momentum,
+        weight_decay=local.weight_decay,
+    )
