@@ -17,7 +17,7 @@ from fedcare.tasks.base import DataSpec, Task
 from fedcare.tasks.registry import TaskRegistry
 from fedcare.transport.inproc import InProcTransport
 
-__all__ = ["default_run_dir", "initial_parameters", "simulate"]
+__all__ = ["check_plan", "default_run_dir", "initial_parameters", "simulate"]
 
 
 def default_run_dir(plan: Plan, root: str | Path = "runs") -> Path:
@@ -29,6 +29,53 @@ def default_run_dir(plan: Plan, root: str | Path = "runs") -> Path:
 def initial_parameters(task: Task, spec: DataSpec, plan: Plan) -> Parameters:
     """The global model before round 1, seeded by ``plan.seed``."""
     return task.get_parameters(task.build_model(spec, plan, seed=plan.seed))
+
+
+def check_plan(
+    plan: Plan, *, registry: TaskRegistry | None = None, catalog: DatasetCatalog | None = None
+) -> None:
+    """Check that the plan's task, dataset and nodes exist, without loading any data.
+
+    Raises
+    ------
+    ConfigError
+        Naming the field (``plan.task``, ``plan.dataset.name``, ``plan.nodes``,
+        ``plan.nodes_per_round``, ``plan.min_nodes``) and the value received.
+
+    Examples
+    --------
+    >>> from fedcare.plan import parse_plan
+    >>> check_plan(parse_plan({"task": "tabular-logistic", "rounds": 1, "nodes_per_round": 9,
+    ...                        "dataset": {"name": "heart-disease"}}))
+    Traceback (most recent call last):
+    ...
+    fedcare.errors.ConfigError: plan.nodes_per_round: asks for 9 nodes per round but only 4 nodes exist (cleveland, hungary, switzerland, va-long-beach)
+    """
+    registry = registry or TaskRegistry.from_entry_points()
+    catalog = catalog or DatasetCatalog.bundled()
+    if plan.task not in registry:
+        registry.get(plan.task)  # raises, listing the installed tasks
+    dataset = catalog.get(plan.dataset.name)
+    sites = list(dataset.site_names(plan.dataset))
+    if plan.nodes is not None:
+        unknown = sorted(set(plan.nodes) - set(sites))
+        if unknown:
+            raise ConfigError(
+                f"names {', '.join(unknown)}, which the dataset {plan.dataset.name!r} does not have "
+                f"(sites: {', '.join(sites)})",
+                field="plan.nodes",
+            )
+        sites = list(plan.nodes)
+    per_round = plan.nodes_per_round or len(sites)
+    if per_round > len(sites):
+        raise ConfigError(
+            f"asks for {per_round} nodes per round but only {len(sites)} nodes exist ({', '.join(sites)})",
+            field="plan.nodes_per_round",
+        )
+    if plan.min_nodes > per_round:
+        raise ConfigError(
+            f"needs {plan.min_nodes} nodes per round but only {per_round} take part", field="plan.min_nodes"
+        )
 
 
 def simulate(
@@ -82,17 +129,11 @@ def simulate(
     """
     registry = registry or TaskRegistry.from_entry_points()
     catalog = catalog or DatasetCatalog.bundled()
+    check_plan(plan, registry=registry, catalog=catalog)
     task = registry.get(plan.task)
     dataset = catalog.get(plan.dataset.name)
     sites = dataset.load_sites(plan.dataset)
     if plan.nodes is not None:
-        unknown = sorted(set(plan.nodes) - set(sites))
-        if unknown:
-            raise ConfigError(
-                f"names {', '.join(unknown)}, which the dataset {plan.dataset.name!r} does not have "
-                f"(sites: {', '.join(sites)})",
-                field="plan.nodes",
-            )
         sites = {name: sites[name] for name in plan.nodes}
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
     with InProcTransport(max_concurrency=max_concurrency) as transport:

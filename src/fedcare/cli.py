@@ -1,0 +1,246 @@
+"""The ``fedcare`` command: thin wrappers that parse, call one library function, render.
+
+Exit codes: 0 success, 2 configuration error, 3 data error, 4 federation
+error (too few nodes), 1 any other fedcare error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedcare.errors import ConfigError, DataError, FedcareError, FederationError
+
+app = typer.Typer(
+    name="fedcare",
+    help="Federated learning for healthcare: train one model across sites; records stay put.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_console = Console()
+_errors = Console(stderr=True)
+
+_EXIT_CODES: list[tuple[type[FedcareError], int]] = [
+    (ConfigError, 2),
+    (DataError, 3),
+    (FederationError, 4),
+    (FedcareError, 1),
+]
+
+_SHOWN_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
+_HEADERS = {"accuracy": "acc", "balanced_accuracy": "bal acc", "roc_auc": "AUC", "sensitivity": "sens", "specificity": "spec"}
+
+
+@contextmanager
+def _fedcare_errors() -> Iterator[None]:
+    try:
+        yield
+    except FedcareError as exc:
+        code = next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
+        _errors.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
+
+
+def demo_plan_path() -> Path:
+    """The packaged copy of ``examples/heart_disease.yaml`` that ``fedcare demo`` runs."""
+    return Path(str(resources.files("fedcare").joinpath("plans", "heart_disease.yaml")))
+
+
+def _number(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    final = result.final_evaluation
+    return {
+        "run_dir": result.run_dir,
+        "rounds": result.rounds_completed,
+        "sites": {site: {k: _number(v) for k, v in m.items()} for site, m in final.sites.items()} if final else {},
+        "examples": final.examples if final else {},
+        "mean": {k: _number(v) for k, v in final.mean.items()} if final else {},
+        "pooled": {k: _number(v) for k, v in final.pooled.items()} if final else {},
+        "mean_site_accuracy": _number(final.mean.get("accuracy")) if final else None,
+        "failures": result.failures,
+        "wall_s": result.wall_s,
+    }
+
+
+def _site_table(title: str, sites: dict[str, dict[str, float]], examples: dict[str, int], rows: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("site", no_wrap=True)
+    table.add_column("n test", justify="right")
+    for name in _SHOWN_METRICS:
+        table.add_column(_HEADERS[name], justify="right")
+
+    def cells(metrics: dict[str, float]) -> list[str]:
+        values = [metrics.get(name, math.nan) for name in _SHOWN_METRICS]
+        return ["–" if v is None or math.isnan(v) else f"{v:.3f}" for v in values]
+
+    for site, metrics in sites.items():
+        table.add_row(site, str(examples.get(site, "")), *cells(metrics))
+    table.add_section()
+    for label, metrics in rows.items():
+        table.add_row(label, str(sum(examples.values())) if label.startswith("pooled") else "", *cells(metrics), style="bold")
+    return table
+
+
+def _run_with_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], None] | None], Any], show: bool) -> Any:
+    if not show:
+        return run(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=_errors,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("rounds", total=plan.rounds, status="")
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind = event["event"]
+            if kind == "round_end":
+                loss = event.get("train_loss")
+                status = f"loss {loss:.3f}" if loss is not None else ""
+                progress.update(bar, completed=event["round"], status=status)
+            elif kind == "run_start":
+                progress.update(bar, completed=event["first_round"] - 1)
+            elif kind == "evaluation":
+                accuracy = event["mean"].get("accuracy")
+                if accuracy is not None and not math.isnan(accuracy):
+                    progress.update(bar, status=f"mean site accuracy {accuracy:.3f}")
+            elif kind in ("node_failed", "node_late"):
+                progress.console.print(
+                    f"[yellow]round {event['round']}: node {event['node_id']} "
+                    f"{'failed: ' + event['error'] if kind == 'node_failed' else 'missed the deadline'}[/]"
+                )
+
+        return run(on_event)
+
+
+def _simulate_and_render(plan_path: Path, out: Path | None, as_json: bool, resume: bool, title: str) -> None:
+    from fedcare.plan import load_plan
+    from fedcare.simulation import check_plan, default_run_dir, simulate
+
+    started = time.perf_counter()
+    with _fedcare_errors():
+        plan = load_plan(plan_path)
+        check_plan(plan)
+        out_dir = out or default_run_dir(plan)
+        result = _run_with_progress(
+            plan, lambda on_event: simulate(plan, out_dir=out_dir, on_event=on_event, resume=resume), show=not as_json
+        )
+    summary = _summary(result)
+    summary["wall_s"] = time.perf_counter() - started
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    final = result.final_evaluation
+    if final is not None:
+        _console.print(
+            _site_table(
+                f"{title}: round {final.round}, each site's own test split",
+                final.sites,
+                final.examples,
+                {"mean of sites": final.mean, "pooled (by n)": final.pooled},
+            )
+        )
+    for failure in result.failures:
+        _console.print(f"[yellow]round {failure['round']}: {failure['node_id']}: {failure['error']}[/]")
+    _console.print(f"run directory: {result.run_dir}  ({summary['wall_s']:.1f} s)")
+
+
+@app.command()
+def simulate(
+    plan: Annotated[Path, typer.Argument(help="Plan file (YAML).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
+) -> None:
+    """Run a whole federation in this process, one node per site of the plan's dataset."""
+    _simulate_and_render(plan, out, as_json, resume, title=plan.stem)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Four hospitals (Cleveland, Hungary, Switzerland, Long Beach) learn heart disease together."""
+    _simulate_and_render(demo_plan_path(), out, as_json, resume=False, title="heart-disease demo")
+
+
+@app.command()
+def datasets() -> None:
+    """List the bundled datasets."""
+    from fedcare.data.catalog import DatasetCatalog
+
+    catalog = DatasetCatalog.bundled()
+    for name in catalog.names():
+        info = catalog.get(name).info
+        _console.print(f"[bold]{info.name}[/]  {info.patients} patients  sites: {info.sites}", highlight=False)
+        _console.print(f"  {info.description}", highlight=False)
+        _console.print(f"  licence {info.licence}; source {info.source}", highlight=False)
+
+
+@app.command()
+def baseline(
+    plan: Annotated[Path, typer.Argument(help="Plan file (YAML).")],
+    mode: Annotated[str, typer.Option("--mode", help="pooled: one model on all sites' data; local: each site alone.")] = "pooled",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Train without federation, evaluated on the same per-site test splits."""
+    from fedcare.baselines import run_baseline
+    from fedcare.plan import load_plan
+
+    with _fedcare_errors():
+        if mode not in ("pooled", "local"):
+            raise ConfigError(f"must be 'pooled' or 'local', got {mode!r}", field="--mode")
+        chosen: Literal["pooled", "local"] = "pooled" if mode == "pooled" else "local"
+        loaded = load_plan(plan)
+        result = run_baseline(loaded, mode=chosen)
+    if as_json:
+        payload = {
+            "mode": chosen,
+            "sites": {s: {k: _number(v) for k, v in m.items()} for s, m in result.sites.items()},
+            "examples": result.examples,
+            "mean": {k: _number(v) for k, v in result.mean.items()},
+            "pooled": {k: _number(v) for k, v in result.pooled.items()},
+            "mean_site_accuracy": _number(result.mean.get("accuracy")),
+        }
+        sys.stdout.write(json.dumps(payload) + "\n")
+        return
+    what = "one model trained on pooled data" if chosen == "pooled" else "each site's own model"
+    _console.print(
+        _site_table(
+            f"{chosen} baseline: {what}, each site's own test split",
+            result.sites,
+            result.examples,
+            {"mean of sites": result.mean, "pooled (by n)": result.pooled},
+        )
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
