@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedcare.data.catalog import DatasetCatalog
 from fedcare.errors import ConfigError
-from fedcare.federation.coordinator import Coordinator, EventCallback, RunResult
+from fedcare.federation.coordinator import Coordinator, EventCallback, RunResult, check_participation
 from fedcare.federation.node import Node
 from fedcare.federation.rundir import RunDirectory
 from fedcare.params import Parameters
@@ -66,16 +66,7 @@ def check_plan(
                 field="plan.nodes",
             )
         sites = list(plan.nodes)
-    per_round = plan.nodes_per_round or len(sites)
-    if per_round > len(sites):
-        raise ConfigError(
-            f"asks for {per_round} nodes per round but only {len(sites)} nodes exist ({', '.join(sites)})",
-            field="plan.nodes_per_round",
-        )
-    if plan.min_nodes > per_round:
-        raise ConfigError(
-            f"needs {plan.min_nodes} nodes per round but only {per_round} take part", field="plan.min_nodes"
-        )
+    check_participation(plan, sites)
 
 
 def simulate(

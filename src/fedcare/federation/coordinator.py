@@ -22,7 +22,7 @@ from fedcare.plan import Plan, plan_hash
 from fedcare.strategies.base import Strategy
 from fedcare.transport.base import Transport
 
-__all__ = ["Coordinator", "EvaluationSummary", "RunResult"]
+__all__ = ["Coordinator", "EvaluationSummary", "RunResult", "check_participation"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,39 @@ class RunResult:
     def final_evaluation(self) -> EvaluationSummary | None:
         """The last federated evaluation, if any ran."""
         return self.evaluations[-1] if self.evaluations else None
+
+
+def check_participation(plan: Plan, nodes: list[str]) -> int:
+    """Check the plan's per-round numbers against the nodes that exist; return nodes per round.
+
+    Raises
+    ------
+    ConfigError
+        If ``plan.nodes_per_round`` exceeds the nodes or ``plan.min_nodes`` exceeds
+        the nodes per round.
+
+    Examples
+    --------
+    >>> from fedcare.plan import parse_plan
+    >>> plan = parse_plan({"task": "t", "dataset": {"name": "d"}, "rounds": 1, "nodes_per_round": 3})
+    >>> check_participation(plan, ["a", "b", "c", "d"])
+    3
+    >>> check_participation(plan, ["a", "b"])
+    Traceback (most recent call last):
+    ...
+    fedcare.errors.ConfigError: plan.nodes_per_round: asks for 3 nodes per round but only 2 nodes exist (a, b)
+    """
+    per_round = plan.nodes_per_round or len(nodes)
+    if per_round > len(nodes):
+        raise ConfigError(
+            f"asks for {per_round} nodes per round but only {len(nodes)} nodes exist ({', '.join(nodes)})",
+            field="plan.nodes_per_round",
+        )
+    if plan.min_nodes > per_round:
+        raise ConfigError(
+            f"needs {plan.min_nodes} nodes per round but only {per_round} take part", field="plan.min_nodes"
+        )
+    return per_round
 
 
 class Coordinator:
@@ -142,18 +175,7 @@ class Coordinator:
         started = time.perf_counter()
         plan = self.plan
         nodes = self._admitted_nodes()
-        per_round = plan.nodes_per_round or len(nodes)
-        if per_round > len(nodes):
-            raise ConfigError(
-                f"asks for {per_round} nodes per round but only {len(nodes)} nodes exist "
-                f"({', '.join(nodes)})",
-                field="plan.nodes_per_round",
-            )
-        if plan.min_nodes > per_round:
-            raise ConfigError(
-                f"needs {plan.min_nodes} nodes per round but only {per_round} take part",
-                field="plan.min_nodes",
-            )
+        per_round = check_participation(plan, nodes)
         result = RunResult(
             run_id=self._run_id,
             run_dir=str(self.run_dir.path) if self.run_dir else None,

@@ -38,7 +38,7 @@ class LogisticTask(TorchClassificationTask):
 
         module = torch.nn.Module()
         module.linear = torch.nn.Linear(spec.num_features, _outputs(spec))
-        module.forward = module.linear.forward  # type: ignore[method-assign]
+        module.forward = module.linear.forward
         return module
 
 

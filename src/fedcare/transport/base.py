@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Collection, Iterator
+from typing import Self
 
 from fedcare.messages import Job, JobResult
 
@@ -65,7 +66,7 @@ class Transport(abc.ABC):
     def close(self) -> None:
         """Release the links; nodes see their channel close."""
 
-    def __enter__(self) -> Transport:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
