@@ -28,7 +28,12 @@ HEART_FILES = {
     "switzerland": "processed.switzerland.data",
     "va-long-beach": "processed.va.data",
 }
-FLAMBY_SIZES = {"cleveland": (199, 104), "hungary": (172, 89), "switzerland": (30, 16), "va-long-beach": (85, 45)}
+FLAMBY_SIZES = {
+    "cleveland": (199, 104),
+    "hungary": (172, 89),
+    "switzerland": (30, 16),
+    "va-long-beach": (85, 45),
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,8 @@ def heart(catalog: DatasetCatalog) -> dict[str, SiteData]:
 
 
 def _breast(catalog: DatasetCatalog, **config: object) -> dict[str, SiteData]:
-    return catalog.get("breast-cancer").load_sites(DatasetConfig(name="breast-cancer", **config))  # type: ignore[arg-type]
+    config_model = DatasetConfig.model_validate({"name": "breast-cancer", **config})
+    return catalog.get("breast-cancer").load_sites(config_model)
 
 
 @pytest.fixture(scope="module")
@@ -386,6 +392,14 @@ def test_standardized_training_features_have_zero_mean(heart: dict[str, SiteData
     out = Standardization.fit(split.x).apply(split)
 
     np.testing.assert_allclose(out.x.mean(axis=0), 0, atol=1e-5)
+
+
+def test_standardized_training_features_have_unit_std(heart: dict[str, SiteData]) -> None:
+    split = heart["hungary"].train
+
+    out = Standardization.fit(split.x).apply(split)
+
+    np.testing.assert_allclose(out.x.std(axis=0, dtype=np.float64), 1, rtol=1e-5)
 
 
 def test_standardization_keeps_float32(heart: dict[str, SiteData]) -> None:

@@ -59,14 +59,8 @@ def test_spec_lists_names_and_shapes_in_order() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="params.py Parameters.__init__: np.ascontiguousarray returns ndim >= 1, so a 0-d "
-    "tensor (e.g. a learnable scalar in a torch state_dict) becomes shape (1,) and "
-    "TorchTask.set_parameters then refuses it",
-)
 def test_parameters_keep_the_shape_of_a_scalar_tensor() -> None:
-    p = Parameters({"temperature": np.float32(1.5) * np.ones((), dtype=np.float32)})
+    p = Parameters({"temperature": np.array(1.5, dtype=np.float32)})
 
     assert p.spec == (("temperature", ()),)
 
@@ -279,11 +273,6 @@ def test_from_bytes_refuses_an_order_that_does_not_name_the_tensors() -> None:
         Parameters.from_bytes(payload)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="params.py Parameters.from_bytes: json.loads of the 'fedcare.order' metadata runs "
-    "outside the try block, so a malformed order raises json.JSONDecodeError, not ProtocolError",
-)
 def test_from_bytes_refuses_malformed_order_metadata_with_protocol_error() -> None:
     payload = save({"w": np.ones(3, dtype=np.float32)}, metadata={"fedcare.order": "not json"})
 

@@ -84,8 +84,9 @@ def binary_metrics(
     (0.75, 0.5, 1.0)
     """
     y = np.asarray(y_true).astype(np.int64)
-    p = np.clip(np.asarray(probability, dtype=np.float64), _EPS, 1 - _EPS)
-    predicted = p >= threshold
+    raw = np.asarray(probability, dtype=np.float64)
+    p = np.clip(raw, _EPS, 1 - _EPS)  # for the log loss only
+    predicted = raw >= threshold
     positives = y == 1
     tp = int(np.sum(predicted & positives))
     tn = int(np.sum(~predicted & ~positives))
@@ -98,7 +99,7 @@ def binary_metrics(
     return {
         "accuracy": (tp + tn) / y.size if y.size else math.nan,
         "balanced_accuracy": sum(defined) / len(defined) if defined else math.nan,
-        "roc_auc": roc_auc(y, p),
+        "roc_auc": roc_auc(y, raw),
         "sensitivity": sensitivity,
         "specificity": specificity,
         "log_loss": log_loss,

@@ -66,7 +66,7 @@ class Parameters(Mapping[str, np.ndarray]):
                     f"tensor {name!r} has dtype {array.dtype}; parameters must be floating point "
                     "(leave integer buffers such as batch counters out of the parameters)"
                 )
-            converted[name] = np.ascontiguousarray(array, dtype=np.float32)
+            converted[name] = np.require(array, dtype=np.float32, requirements="C")
         self._arrays = converted
         self._flat: np.ndarray | None = None
 
@@ -215,8 +215,15 @@ class Parameters(Mapping[str, np.ndarray]):
         except Exception as exc:  # safetensors raises its own error types
             raise ProtocolError(f"parameter payload is not valid safetensors: {exc}") from exc
         metadata = header.get("__metadata__") or {}
-        order = json.loads(metadata[_ORDER_KEY]) if _ORDER_KEY in metadata else sorted(arrays)
-        if sorted(order) != sorted(arrays):
+        try:
+            order = json.loads(metadata[_ORDER_KEY]) if _ORDER_KEY in metadata else sorted(arrays)
+        except ValueError:
+            raise ProtocolError("parameter payload's tensor order is not a JSON list") from None
+        if (
+            not isinstance(order, list)
+            or not all(isinstance(name, str) for name in order)
+            or sorted(order) != sorted(arrays)
+        ):
             raise ProtocolError("parameter payload's tensor order does not match its tensors")
         for name in order:
             if arrays[name].dtype != np.float32:

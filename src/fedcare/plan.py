@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from fedcare.errors import ConfigError
 
@@ -89,7 +90,7 @@ class LocalTraining(_Section):
     @model_validator(mode="after")
     def _one_budget(self) -> LocalTraining:
         if (self.epochs is None) == (self.steps is None):
-            raise ValueError("set exactly one of epochs and steps")
+            raise ValueError(f"set exactly one of epochs and steps, got epochs={self.epochs}, steps={self.steps}")
         return self
 
 
@@ -150,29 +151,36 @@ class Plan(_Section):
     @model_validator(mode="after")
     def _minimum_fits(self) -> Plan:
         if self.nodes_per_round is not None and self.min_nodes > self.nodes_per_round:
-            raise ValueError(
-                f"min_nodes ({self.min_nodes}) is larger than nodes_per_round "
-                f"({self.nodes_per_round})"
+            raise PydanticCustomError(
+                "min_nodes_too_large",
+                "min_nodes ({min_nodes}) is larger than nodes_per_round ({nodes_per_round})",
+                {"min_nodes": self.min_nodes, "nodes_per_round": self.nodes_per_round, "loc": "min_nodes"},
             )
         if self.nodes is not None and len(set(self.nodes)) != len(self.nodes):
-            raise ValueError("nodes lists a node twice")
+            repeated = sorted({n for n in self.nodes if self.nodes.count(n) > 1})
+            raise PydanticCustomError(
+                "duplicate_nodes", "nodes lists {repeated} twice", {"repeated": ", ".join(repeated), "loc": "nodes"}
+            )
         return self
 
 
 def _format_validation_error(error: ValidationError, *, root: str) -> ConfigError:
-    problems = []
-    first_field = None
+    problems: list[tuple[str, str]] = []
     for item in error.errors():
-        path = ".".join(str(part) for part in (root, *item["loc"]))
-        first_field = first_field or path
+        context = item.get("ctx") or {}
+        location = (*item["loc"], context["loc"]) if "loc" in context else item["loc"]
+        path = ".".join(str(part) for part in (root, *location))
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] not in ("missing", "value_error") and "input" in item:
+        if item["type"] not in ("missing", "value_error") and "loc" not in context and "input" in item:
             message = f"{message}, got {item['input']!r}"
-        problems.append(f"{path}: {message}")
+        problems.append((path, message))
     if len(problems) == 1:
-        field, _, message = problems[0].partition(": ")
+        field, message = problems[0]
         return ConfigError(message, field=field)
-    return ConfigError("; ".join(problems), field=first_field)
+    # several problems: the message names each field; ``field`` is the first one
+    error_out = ConfigError("; ".join(f"{path}: {message}" for path, message in problems))
+    error_out.field = problems[0][0]
+    return error_out
 
 
 def parse_plan(data: Any) -> Plan:

@@ -22,12 +22,14 @@ class _InProcChannel(NodeChannel):
     def __init__(self, transport: InProcTransport, node_id: str) -> None:
         self._transport = transport
         self.node_id = node_id
-        self.inbox: queue.Queue[Job] = queue.Queue()
+        self.inbox: queue.Queue[Job | None] = queue.Queue()  # None: woken by close()
 
     def pull_job(self, *, timeout_s: float) -> Job | None:
         try:
             job = self.inbox.get(timeout=timeout_s)
         except queue.Empty:
+            return None
+        if job is None:
             return None
         # A node computes only while it holds a compute slot: simulated sites
         # share this machine's cores, and memory stays O(model x slots).
@@ -129,5 +131,7 @@ class InProcTransport(Transport):
 
     def close(self) -> None:
         self._closed.set()
+        for channel in self._channels.values():
+            channel.inbox.put(None)  # wake nodes waiting for a job, so they see the close now
         for thread in self._threads:
             thread.join(timeout=5)
