@@ -181,7 +181,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    """Python, platform and core count, to record beside the numbers."""
+    """Python, platform, core count and current load, to record beside the numbers."""
     try:
         import psutil
 
@@ -193,6 +193,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "memory_bytes": memory_bytes,
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine skews timings
     }
 
 
@@ -210,10 +211,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     Examples
     --------
     >>> print(format_table(["name", "s"], [["a", 1.5], ["bb", 10]]))
-    name     s
-    ----  ----
-    a      1.5
-    bb      10
+    name    s
+    ----  ---
+    a     1.5
+    bb     10
     """
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]

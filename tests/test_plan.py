@@ -30,13 +30,13 @@ def test_example_heart_disease_plan_loads() -> None:
     plan = load_plan(EXAMPLE)
 
     assert isinstance(plan, Plan)
-    assert (plan.dataset.name, plan.rounds, plan.min_nodes) == ("heart-disease", 20, 2)
+    assert (plan.dataset.name, plan.rounds, plan.min_nodes) == ("heart-disease", 30, 2)
 
 
 def test_example_plan_keeps_its_local_recipe() -> None:
     plan = load_plan(EXAMPLE)
 
-    assert (plan.local.batch_size, plan.local.learning_rate, plan.evaluation.every_rounds) == (16, 0.05, 5)
+    assert (plan.local.batch_size, plan.local.learning_rate, plan.evaluation.every_rounds) == (32, 0.01, 5)
 
 
 def test_minimal_plan_gets_defaults() -> None:
@@ -196,7 +196,7 @@ def test_empty_plan_file_gives_config_error(tmp_path: Path) -> None:
 
 def test_yaml_file_with_a_bad_value_names_the_field(tmp_path: Path) -> None:
     path = tmp_path / "plan.yaml"
-    path.write_text(EXAMPLE.read_text(encoding="utf-8").replace("rounds: 20", "rounds: 0"), encoding="utf-8")
+    path.write_text(EXAMPLE.read_text(encoding="utf-8").replace("rounds: 30", "rounds: 0"), encoding="utf-8")
 
     with pytest.raises(ConfigError) as caught:
         load_plan(path)

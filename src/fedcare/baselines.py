@@ -196,7 +196,10 @@ def run_baseline(
             models[site] = model
             parameters[site] = task.get_parameters(model).freeze()
 
-    metrics = {site: {k: float(v) for k, v in task.evaluate(models[site], data.test).items()} for site, data in prepared.items()}
+    metrics = {
+        site: {name: float(value) for name, value in task.evaluate(models[site], data.test).items()}
+        for site, data in prepared.items()
+    }
     examples = {site: len(data.test) for site, data in prepared.items()}
     summary = aggregate_site_metrics(metrics, examples)
     logger.info("baseline finished", extra={"mode": mode, "sites": len(prepared)})
@@ -242,7 +245,8 @@ def normalize_sites(
     >>> from fedcare.tasks.base import DataSpec
     >>> spec = DataSpec(num_features=1, num_classes=2)
     >>> def site(name, values):
-    ...     split = Split(x=np.array(values, dtype=np.float32).reshape(-1, 1), y=np.zeros(len(values), dtype=np.int64))
+    ...     x = np.array(values, dtype=np.float32).reshape(-1, 1)
+    ...     split = Split(x=x, y=np.zeros(len(values), dtype=np.int64))
     ...     return SiteData(site=name, spec=spec, train=split, test=split)
     >>> sites = {"a": site("a", [1.0, 3.0]), "b": site("b", [5.0, 7.0])}
     >>> round(float(normalize_sites(sites, mode="federated")["a"].train.x.mean()), 3)
@@ -257,7 +261,9 @@ def normalize_sites(
     if mode == "federated":
         standardization = combine_feature_stats([feature_stats(data.train.x) for data in sites.values()])
         return {name: standardization.apply_site(data) for name, data in sites.items()}
-    raise ConfigError(f"must be 'federated', 'per-site' or 'none', got {mode!r}", field="plan.dataset.normalization")
+    raise ConfigError(
+        f"must be 'federated', 'per-site' or 'none', got {mode!r}", field="plan.dataset.normalization"
+    )
 
 
 def _select_sites(sites: dict[str, SiteData], plan: Plan) -> dict[str, SiteData]:

@@ -382,7 +382,9 @@ class Coordinator:
         values = update.flatten()
         # A float32 sum is finite only if every value is (NaN and Inf propagate) and costs a
         # third of the float64 one, which decides only when the float32 sum overflows.
-        if not (np.isfinite(np.add.reduce(values)) or np.isfinite(np.add.reduce(values, dtype=np.float64))):
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = bool(np.isfinite(np.add.reduce(values)))
+        if not (finite or np.isfinite(np.add.reduce(values, dtype=np.float64))):
             bad = int(np.count_nonzero(~np.isfinite(update.flatten())))
             raise ProtocolError(f"update contains {bad} non-finite values (NaN or Inf)")
         if answer.num_examples <= 0:

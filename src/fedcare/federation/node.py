@@ -112,7 +112,9 @@ class Node:
         np.subtract(delta, job.parameters.flatten(), out=delta)
         # A float32 sum is finite only if every value is (NaN and Inf propagate) and costs a
         # third of the float64 one, which decides only when the float32 sum overflows.
-        if not (np.isfinite(np.add.reduce(delta)) or np.isfinite(np.add.reduce(delta, dtype=np.float64))):
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = bool(np.isfinite(np.add.reduce(delta)))
+        if not (finite or np.isfinite(np.add.reduce(delta, dtype=np.float64))):
             raise ProtocolError("local training produced non-finite weights (NaN or Inf); lower the learning rate")
         return JobResult(
             run_id=job.run_id,

@@ -17,6 +17,8 @@ __all__ = ["InProcTransport"]
 
 logger = logging.getLogger(__name__)
 
+_PUT_POLL_S = 0.05  # how often a node waiting to hand back a result checks for close()
+
 
 class _InProcChannel(NodeChannel):
     def __init__(self, transport: InProcTransport, node_id: str) -> None:
@@ -37,8 +39,21 @@ class _InProcChannel(NodeChannel):
         return job
 
     def push_result(self, result: JobResult) -> None:
+        results = self._transport._results
         try:
-            self._transport._results.put(result)
+            # At most ``max_concurrency`` results wait for the coordinator; a node that
+            # finds no room keeps its slot until there is, so the model-sized updates
+            # held in memory stay O(model x slots) however many nodes there are.
+            while not self.closed:
+                try:
+                    results.put(result, timeout=_PUT_POLL_S)
+                    return
+                except queue.Full:
+                    continue
+            try:
+                results.put_nowait(result)
+            except queue.Full:
+                pass  # closed: nobody will collect it
         finally:
             self._transport._slots.release()
 
@@ -52,7 +67,7 @@ class InProcTransport(Transport):
 
     Jobs and results are passed by reference (the global parameters are
     frozen read-only), so nothing is serialized. At most ``max_concurrency``
-    nodes compute at once.
+    nodes compute at once, and at most as many results wait to be collected.
 
     Parameters
     ----------
@@ -79,7 +94,7 @@ class InProcTransport(Transport):
     def __init__(self, *, max_concurrency: int | None = None) -> None:
         slots = max_concurrency or os.cpu_count() or 1
         self._slots = threading.BoundedSemaphore(slots)
-        self._results: queue.Queue[JobResult] = queue.Queue()
+        self._results: queue.Queue[JobResult] = queue.Queue(maxsize=slots)
         self._channels: dict[str, _InProcChannel] = {}
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
