@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedcare-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean proto
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "fedcare needs Python >= 3.11"; exit 1; }
@@ -30,3 +30,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Regenerate the committed gRPC code after editing the .proto file.
+proto: install
+	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. fedcare/transport/proto/fedcare.proto

@@ -14,7 +14,6 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from fedcare.data.catalog import DatasetCatalog
 from fedcare.federation.node import Node
 from fedcare.messages import Job, JobKind
 from fedcare.params import Parameters

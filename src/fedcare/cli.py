@@ -255,9 +255,9 @@ def certs_init(
 
     with _fedcare_errors():
         ca_path = init_ca(out, federation=federation, lifetime_days=lifetime_days)
-    _console.print(f"CA certificate: {ca_path}", highlight=False)
-    _console.print(f"CA key (keep it off the nodes): {ca_path.with_name('ca.key')}", highlight=False)
-    _console.print(f"revocation list: {ca_path.with_name('crl.pem')}", highlight=False)
+    _console.print(f"CA certificate: {ca_path}", highlight=False, soft_wrap=True)
+    _console.print(f"CA key (keep it off the nodes): {ca_path.with_name('ca.key')}", highlight=False, soft_wrap=True)
+    _console.print(f"revocation list: {ca_path.with_name('crl.pem')}", highlight=False, soft_wrap=True)
 
 
 @certs_app.command("issue")
@@ -281,8 +281,8 @@ def certs_issue(
         cert_path, key_path = issue_certificate(
             certs, role=chosen, name=name, lifetime_days=lifetime_days, hosts=hosts
         )
-    _console.print(f"{chosen} certificate for {name}: {cert_path}", highlight=False)
-    _console.print(f"private key (mode 0600): {key_path}", highlight=False)
+    _console.print(f"{chosen} certificate for {name}: {cert_path}", highlight=False, soft_wrap=True)
+    _console.print(f"private key (mode 0600): {key_path}", highlight=False, soft_wrap=True)
 
 
 @certs_app.command("revoke")
@@ -295,7 +295,7 @@ def certs_revoke(
 
     with _fedcare_errors():
         serial = revoke_certificate(certs, name)
-    _console.print(f"revoked {name} (serial {serial:x}); updated {certs / 'crl.pem'}", highlight=False)
+    _console.print(f"revoked {name} (serial {serial:x}); updated {certs / 'crl.pem'}", highlight=False, soft_wrap=True)
 
 
 @certs_app.command("list")
@@ -308,8 +308,11 @@ def certs_list(
     with _fedcare_errors():
         issued = list_certificates(certs)
     table = Table(title=f"certificates in {certs}", title_justify="left")
-    for column in ("name", "role", "serial", "not after", "revoked?"):
-        table.add_column(column, no_wrap=column != "serial")
+    table.add_column("name", no_wrap=True)
+    table.add_column("role", no_wrap=True)
+    table.add_column("serial", overflow="fold")
+    table.add_column("not after", no_wrap=True)
+    table.add_column("revoked?", no_wrap=True)
     for item in issued:
         table.add_row(
             item.name,

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedcare import __version__
 from fedcare.data.normalization import FeatureStats, Standardization, combine_feature_stats
-from fedcare.errors import ConfigError, FederationError, ProtocolError
+from fedcare.errors import ConfigError, FederationError, ProtocolError, TransportError
 from fedcare.federation.rundir import RunDirectory
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.metrics import aggregate_site_metrics
@@ -139,6 +139,7 @@ class Coordinator:
         initial_parameters: Parameters,
         run_dir: RunDirectory | None = None,
         on_event: EventCallback | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.plan = plan
         self.strategy = strategy
@@ -147,7 +148,7 @@ class Coordinator:
         self.run_dir = run_dir
         self.on_event = on_event
         self._plan_hash = plan_hash(plan)
-        self._run_id = uuid.uuid4().hex
+        self._run_id = run_id or uuid.uuid4().hex
         self._normalization: Standardization | None = None
 
     # -- public ----------------------------------------------------------------
@@ -221,6 +222,25 @@ class Coordinator:
 
     # -- phases ----------------------------------------------------------------
 
+    def _available(self, nodes: list[str], round_number: int) -> list[str]:
+        """Admitted nodes the transport can reach now, in admitted order.
+
+        Raises
+        ------
+        FederationError
+            If fewer than ``plan.min_nodes`` are reachable.
+        """
+        reachable = set(self.transport.nodes())
+        available = [node for node in nodes if node in reachable]
+        if len(available) < self.plan.min_nodes:
+            missing = ", ".join(node for node in nodes if node not in reachable)
+            raise FederationError(
+                f"only {len(available)} nodes are reachable, fewer than min_nodes={self.plan.min_nodes} "
+                f"(unreachable: {missing})",
+                round=round_number,
+            )
+        return available
+
     def _admitted_nodes(self) -> list[str]:
         reachable = self.transport.nodes()
         if self.plan.nodes is None:
@@ -228,7 +248,7 @@ class Coordinator:
         return sorted(self.plan.nodes)
 
     def _federated_normalization(self, nodes: list[str], result: RunResult) -> Standardization:
-        jobs = {node: self._job(0, node, JobKind.FEATURE_STATS) for node in nodes}
+        jobs = {node: self._job(0, node, JobKind.FEATURE_STATS) for node in self._available(nodes, 0)}
         stats: list[FeatureStats] = []
         for answer in self._exchange(jobs, result):
             try:
@@ -257,8 +277,10 @@ class Coordinator:
     ) -> Parameters:
         plan = self.plan
         round_started = time.perf_counter()
-        selection = np.random.default_rng([plan.seed, round_number]).choice(len(nodes), per_round, replace=False)
-        selected = [nodes[i] for i in sorted(selection)]
+        candidates = self._available(nodes, round_number)
+        count = min(per_round, len(candidates))
+        selection = np.random.default_rng([plan.seed, round_number]).choice(len(candidates), count, replace=False)
+        selected = [candidates[i] for i in sorted(selection)]
         self._emit({"event": "round_start", "round": round_number, "nodes": selected})
         extra = self.strategy.configure_train(round_number, selected)
         global_parameters = result.parameters
@@ -306,7 +328,10 @@ class Coordinator:
         return new_parameters
 
     def _evaluate(self, round_number: int, nodes: list[str], result: RunResult) -> EvaluationSummary:
-        jobs = {node: self._job(round_number, node, JobKind.EVALUATE, result.parameters) for node in nodes}
+        jobs = {
+            node: self._job(round_number, node, JobKind.EVALUATE, result.parameters)
+            for node in self._available(nodes, round_number)
+        }
         sites: dict[str, dict[str, float]] = {}
         examples: dict[str, int] = {}
         for answer in self._exchange(jobs, result):
@@ -354,9 +379,16 @@ class Coordinator:
 
     def _exchange(self, jobs: Mapping[str, Job], result: RunResult) -> Iterator[JobResult]:
         """Submit ``jobs`` and yield the successful answers; record failures and stragglers."""
+        pending: dict[str, str] = {}
         for node, job in jobs.items():
-            self.transport.submit(node, job)
-        pending = {job.job_id: node for node, job in jobs.items()}
+            try:
+                self.transport.submit(node, job)
+            except TransportError as exc:
+                failure = {"round": job.round, "node_id": node, "kind": job.kind.value, "error": exc.message}
+                result.failures.append(failure)
+                self._emit({"event": "node_failed", **failure})
+                continue
+            pending[job.job_id] = node
         for answer in self.transport.results(list(pending), timeout_s=self.plan.round_timeout_s):
             expected = pending.pop(answer.job_id, None)
             if expected != answer.node_id or answer.run_id != self._run_id:

@@ -1,0 +1,292 @@
+"""The node's end of the gRPC transport: it dials out, pulls jobs, pushes results.
+
+Every call retries transient failures (coordinator not up yet, link dropped)
+with exponential backoff and jitter; parameter downloads and result uploads
+resume from the last byte acknowledged, and the SHA-256 of each transfer is
+checked before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from fedcare import __version__
+from fedcare.errors import FedcareError, PolicyViolation, ProtocolError, TransportError
+from fedcare.messages import Job, JobResult
+from fedcare.params import Parameters
+from fedcare.plan import Plan, parse_plan, plan_hash
+from fedcare.transport import pki
+from fedcare.transport.base import NodeChannel
+from fedcare.transport.grpc_server import grpc_options
+from fedcare.transport.proto import fedcare_pb2 as pb
+from fedcare.transport.proto import fedcare_pb2_grpc as pb_grpc
+from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_from_header, result_header
+
+__all__ = ["Backoff", "GrpcNodeChannel"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+class Backoff:
+    """Exponential backoff with full jitter.
+
+    Parameters
+    ----------
+    initial_s, maximum_s : float
+        First and largest wait, in seconds.
+    rng : random.Random, optional
+        Source of jitter.
+
+    Examples
+    --------
+    >>> b = Backoff(initial_s=0.1, maximum_s=1.0, rng=random.Random(0))
+    >>> waits = [b.next_wait_s() for _ in range(6)]
+    >>> all(0 <= w <= 1.0 for w in waits)
+    True
+    """
+
+    def __init__(self, *, initial_s: float = 0.2, maximum_s: float = 10.0, rng: random.Random | None = None) -> None:
+        self.initial_s = initial_s
+        self.maximum_s = maximum_s
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_wait_s(self) -> float:
+        """The next wait: uniform in [0, min(maximum, initial * 2**attempt)]."""
+        ceiling = min(self.maximum_s, self.initial_s * (2**self._attempt))
+        self._attempt += 1
+        return self._rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        """Start again from the initial wait (after a success)."""
+        self._attempt = 0
+
+
+class GrpcNodeChannel(NodeChannel):
+    """A node's link to the coordinator over mutual TLS.
+
+    Parameters
+    ----------
+    coordinator : str
+        ``HOST:PORT`` of the coordinator.
+    certs_dir : Path
+        Holds ``ca.pem`` (the federation CA) and the node's ``NAME.pem`` and ``NAME.key``.
+    name : str
+        The node's name; its certificate's common name.
+    chunk_bytes : int
+        Upload chunk size.
+    give_up_after_s : float, optional
+        Stop retrying a call after this long; ``None`` retries for ever (a
+        node service waits for its coordinator).
+
+    Raises
+    ------
+    TransportError
+        If the coordinator refuses the node (the reason is in the message)
+        or stays unreachable past ``give_up_after_s``.
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        *,
+        certs_dir: str | Path,
+        name: str,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        give_up_after_s: float | None = None,
+        backoff: Callable[[], Backoff] = Backoff,
+    ) -> None:
+        certs = Path(certs_dir)
+        self.name = name
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=pki.read_pem(certs / "ca.pem"),
+            private_key=pki.read_pem(certs / f"{name}.key"),
+            certificate_chain=pki.read_pem(certs / f"{name}.pem"),
+        )
+        self._target = coordinator
+        self._chunk_bytes = chunk_bytes
+        self._give_up_after_s = give_up_after_s
+        self._backoff = backoff
+        self._channel = grpc.secure_channel(coordinator, self._credentials, options=grpc_options(chunk_bytes))
+        self._stub = pb_grpc.FederationStub(self._channel)  # type: ignore[no-untyped-call]
+        self._closed = threading.Event()
+        self.run_id = ""
+        self.heartbeat_interval_s = 1.0
+        self.resumed_transfers = 0
+        self._heartbeat: threading.Thread | None = None
+
+    # -- joining ---------------------------------------------------------------
+
+    def join(self, *, expected_plan_hash: str | None = None) -> Plan:
+        """Join the federation and return its plan, after checking it.
+
+        Parameters
+        ----------
+        expected_plan_hash : str, optional
+            When the site approved a plan beforehand, the coordinator's plan must hash to it.
+
+        Raises
+        ------
+        PolicyViolation
+            If the plan differs from the approved one.
+        ProtocolError
+            If the plan does not validate or does not match its announced hash.
+        """
+        reply = self._call(lambda timeout: self._stub.Join(pb.JoinRequest(fedcare_version=__version__), timeout=timeout))
+        plan = parse_plan(_json_object(reply.plan_json))
+        if plan_hash(plan) != reply.plan_hash:
+            raise ProtocolError("the coordinator's plan does not match its announced hash")
+        if expected_plan_hash is not None and reply.plan_hash != expected_plan_hash:
+            raise PolicyViolation("the coordinator's plan is not the one this site approved", node_id=self.name)
+        if reply.node_id != self.name:
+            raise ProtocolError(f"the coordinator knows this node as {reply.node_id!r}, not {self.name!r}")
+        self.run_id = reply.run_id
+        self.heartbeat_interval_s = reply.heartbeat_interval_s or 1.0
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._beat, name="fedcare-heartbeat", daemon=True)
+            self._heartbeat.start()
+        logger.info("joined the federation", extra={"node_id": self.name})
+        return plan
+
+    # -- NodeChannel -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def pull_job(self, *, timeout_s: float) -> Job | None:
+        header = self._call(
+            lambda timeout: self._stub.PullJob(pb.PullRequest(run_id=self.run_id, wait_s=timeout_s), timeout=timeout),
+            call_timeout_s=timeout_s + 10,
+        )
+        if header.shutdown:
+            self._closed.set()
+            return None
+        if not header.has_job:
+            return None
+        parameters = self._fetch(header) if header.parameters.total_bytes else None
+        return job_from_header(header, parameters)
+
+    def push_result(self, result: JobResult) -> None:
+        payload = Payload.of(result.update) if result.update is not None else None
+        header = result_header(result, payload)
+        first = True
+        backoff = self._backoff()
+        started = time.monotonic()
+        while True:
+            try:
+                offset = 0
+                if not first:
+                    status = self._stub.UploadStatus(
+                        pb.UploadStatusRequest(run_id=result.run_id, job_id=result.job_id), timeout=30
+                    )
+                    if status.complete:
+                        return
+                    offset = int(status.received_bytes)
+                    if offset:
+                        self.resumed_transfers += 1
+                reply = self._stub.PushResult(self._upload_messages(header, payload, offset), timeout=600)
+                if reply.complete:
+                    return
+                raise ProtocolError(f"coordinator acknowledged {reply.received_bytes} bytes of an unfinished upload")
+            except grpc.RpcError as error:
+                if error.code() not in _TRANSIENT and error.code() is not grpc.StatusCode.DATA_LOSS:
+                    raise _refusal(error) from None
+                self._wait_or_give_up(backoff, started, error)
+            first = False
+
+    def close(self) -> None:
+        """Stop the heartbeat and close the connection."""
+        self._closed.set()
+        self._channel.close()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _upload_messages(self, header: pb.ResultHeader, payload: Payload | None, offset: int) -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        if payload is not None:
+            for start, data in payload.chunks(offset, chunk_bytes=self._chunk_bytes):
+                yield pb.UploadRequest(chunk=pb.Chunk(offset=start, data=data))
+
+    def _fetch(self, header: pb.JobHeader) -> Parameters:
+        total = int(header.parameters.total_bytes)
+        buffer = bytearray(total)
+        received = 0
+        backoff = self._backoff()
+        started = time.monotonic()
+        while received < total:
+            try:
+                request = pb.FetchRequest(run_id=header.run_id, job_id=header.job_id, offset=received)
+                if received:
+                    self.resumed_transfers += 1
+                for chunk in self._stub.FetchParameters(request, timeout=600):
+                    end = chunk.offset + len(chunk.data)
+                    if chunk.offset != received or end > total:
+                        raise ProtocolError(f"chunk at offset {chunk.offset} does not follow byte {received}")
+                    buffer[received:end] = chunk.data
+                    received = end
+            except grpc.RpcError as error:
+                if error.code() not in _TRANSIENT:
+                    raise _refusal(error) from None
+                self._wait_or_give_up(backoff, started, error)
+        return Payload.assemble(buffer, header.parameters, max_bytes=total)
+
+    def _call(self, fn: Callable[[float], T], *, call_timeout_s: float = 30.0) -> T:
+        backoff = self._backoff()
+        started = time.monotonic()
+        while True:
+            try:
+                return fn(call_timeout_s)
+            except grpc.RpcError as error:
+                if error.code() not in _TRANSIENT:
+                    raise _refusal(error) from None
+                self._wait_or_give_up(backoff, started, error)
+
+    def _wait_or_give_up(self, backoff: Backoff, started: float, error: grpc.RpcError) -> None:
+        if self._closed.is_set():
+            raise TransportError("channel closed")
+        if self._give_up_after_s is not None and time.monotonic() - started > self._give_up_after_s:
+            raise TransportError(
+                f"coordinator at {self._target} unreachable for {self._give_up_after_s:.0f} s: {error.code().name}",
+                node_id=self.name,
+            )
+        wait = backoff.next_wait_s()
+        logger.info("coordinator unreachable, retrying", extra={"node_id": self.name, "wait_s": round(wait, 2)})
+        time.sleep(wait)
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self.heartbeat_interval_s):
+            try:
+                reply = self._stub.Heartbeat(pb.HeartbeatRequest(run_id=self.run_id), timeout=self.heartbeat_interval_s * 3)
+                if reply.shutdown:
+                    self._closed.set()
+            except grpc.RpcError:
+                continue  # the next pull reconnects with backoff
+
+
+def _refusal(error: grpc.RpcError) -> FedcareError:
+    details = error.details() or error.code().name
+    if error.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return PolicyViolation(f"the coordinator refused this node: {details}")
+    return TransportError(f"the coordinator answered {error.code().name}: {details}")
+
+
+def _json_object(text: str) -> dict[str, object]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ProtocolError("the plan must be a JSON object")
+    return value

@@ -1,0 +1,473 @@
+"""The coordinator's gRPC transport: it listens; nodes dial out over mutual TLS.
+
+Admission happens twice. The TLS handshake already refuses a client with no
+certificate, one from another CA and an expired one (gRPC logs why, and
+:class:`HandshakeLogMonitor` turns those lines into structured log records).
+Every call is then checked again in Python: the certificate must not be
+revoked (the CA's ``crl.pem``, reloaded when it changes) and its subject must
+be a node the plan admits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from fedcare import __version__
+from fedcare.errors import FedcareError, ProtocolError, TransportError
+from fedcare.messages import Job, JobKind, JobResult
+from fedcare.plan import Plan, plan_hash
+from fedcare.transport import pki
+from fedcare.transport.base import Transport
+from fedcare.transport.proto import fedcare_pb2 as pb
+from fedcare.transport.proto import fedcare_pb2_grpc as pb_grpc
+from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_header, result_from_header
+
+__all__ = ["GrpcTransport", "HandshakeLogMonitor", "grpc_options"]
+
+logger = logging.getLogger(__name__)
+
+#: Slack allowed between an update's serialized size and the global model's.
+_UPDATE_SLACK_BYTES = 64 * 1024
+
+
+def grpc_options(chunk_bytes: int) -> list[tuple[str, int]]:
+    """Channel and server options: bounded messages, keepalive for NAT'd links."""
+    limit = chunk_bytes + 256 * 1024
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+@dataclass
+class _Outstanding:
+    node_id: str
+    job: Job
+    payload: Payload | None
+
+
+@dataclass
+class _Upload:
+    header: pb.ResultHeader
+    buffer: bytearray
+    received: int = 0
+
+
+@dataclass
+class _NodeState:
+    node_id: str
+    jobs: queue.Queue[str] = field(default_factory=queue.Queue)
+    last_seen: float = 0.0
+    polls: int = 0
+    joined: bool = False
+
+
+class GrpcTransport(Transport):
+    """Coordinator side of the gRPC transport.
+
+    Parameters
+    ----------
+    plan : Plan
+        The plan; sent to nodes when they join, and its ``nodes`` list is the
+        set of admitted identities (certificate common names).
+    listen : str
+        ``HOST:PORT`` to listen on (port 0 picks a free one; see :attr:`port`).
+    certs_dir : Path
+        Holds ``ca.pem``, ``server.pem``, ``server.key`` and ``crl.pem``.
+    chunk_bytes : int
+        Size of parameter chunks.
+    heartbeat_interval_s : float
+        How often nodes are asked to send a heartbeat; a node silent for three
+        intervals is taken as gone and its outstanding jobs fail.
+    on_refusal : callable, optional
+        Called with ``(reason, node_id or None)`` for each refused connection.
+
+    Examples
+    --------
+    See ``tests/transport/test_grpc.py`` and ``fedcare serve``.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        listen: str,
+        certs_dir: str | Path,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        heartbeat_interval_s: float = 1.0,
+        on_refusal: Callable[[pki.AdmissionReason, str | None], None] | None = None,
+    ) -> None:
+        if plan.nodes is None:
+            raise TransportError("a deployed plan must list its admitted nodes in plan.nodes")
+        self.plan = plan
+        self._plan_json = plan.model_dump_json()
+        self._plan_hash = plan_hash(plan)
+        self._admitted = frozenset(plan.nodes)
+        self._chunk_bytes = chunk_bytes
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._on_refusal = on_refusal
+        certs = Path(certs_dir)
+        self._certs = certs
+        self._ca = pki.load_certificate(certs / "ca.pem")
+        self._crl_path = certs / "crl.pem"
+        self._crl_mtime: float | None = None
+        self._revoked: frozenset[int] = frozenset()
+        self._reload_revocations()
+        self.run_id = ""
+        self._lock = threading.Lock()
+        self._nodes: dict[str, _NodeState] = {name: _NodeState(name) for name in sorted(self._admitted)}
+        self._outstanding: dict[str, _Outstanding] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._finished: set[str] = set()
+        self._results: queue.Queue[JobResult] = queue.Queue()
+        self._shutdown = threading.Event()
+        self._payload_cache: tuple[Any, Payload] | None = None
+        self.refusals: list[tuple[pki.AdmissionReason, str | None]] = []
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8 + 4 * len(self._admitted), thread_name_prefix="fedcare-grpc"),
+            options=grpc_options(chunk_bytes),
+            maximum_concurrent_rpcs=None,
+        )
+        pb_grpc.add_FederationServicer_to_server(_Servicer(self), self._server)  # type: ignore[no-untyped-call]
+        credentials = grpc.ssl_server_credentials(
+            [(pki.read_pem(certs / "server.key"), pki.read_pem(certs / "server.pem"))],
+            root_certificates=pki.read_pem(certs / "ca.pem"),
+            require_client_auth=True,
+        )
+        self.port = self._server.add_secure_port(listen, credentials)
+        if self.port == 0:
+            raise TransportError(f"cannot listen on {listen}")
+        self._server.start()
+        logger.info("coordinator listening", extra={"port": self.port, "admitted": len(self._admitted)})
+
+    # -- Transport -------------------------------------------------------------
+
+    def set_run(self, run_id: str) -> None:
+        """The run whose jobs this transport carries (messages of other runs are refused)."""
+        self.run_id = run_id
+
+    def nodes(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, state in self._nodes.items() if state.joined and self._alive(state))
+
+    def wait_for_nodes(self, count: int, *, timeout_s: float) -> list[str]:
+        """Block until ``count`` admitted nodes have joined or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            joined = self.nodes()
+            if len(joined) >= count:
+                return joined
+            time.sleep(0.1)
+        return self.nodes()
+
+    def submit(self, node_id: str, job: Job) -> None:
+        if self._shutdown.is_set():
+            raise TransportError("transport is closed")
+        state = self._nodes.get(node_id)
+        if state is None:
+            raise TransportError(f"node {node_id!r} is not admitted by the plan", node_id=node_id)
+        payload = self._payload(job)
+        with self._lock:
+            self._outstanding[job.job_id] = _Outstanding(node_id, job, payload)
+        state.jobs.put(job.job_id)
+
+    def results(self, job_ids: Collection[str], *, timeout_s: float | None) -> Iterator[JobResult]:
+        waiting = set(job_ids)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while waiting:
+            for gone in self._fail_jobs_of_lost_nodes(waiting):
+                waiting.discard(gone.job_id)
+                yield gone
+            if not waiting:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                with self._lock:
+                    for job_id in waiting:  # late answers to these are now stale
+                        self._outstanding.pop(job_id, None)
+                        self._uploads.pop(job_id, None)
+                return
+            try:
+                result = self._results.get(timeout=min(0.25, remaining) if remaining is not None else 0.25)
+            except queue.Empty:
+                continue
+            if result.job_id in waiting:
+                waiting.discard(result.job_id)
+                yield result
+
+    def close(self) -> None:
+        """Tell nodes the run is over (on their next call), then stop listening."""
+        self._shutdown.set()
+        deadline = time.monotonic() + 3 * self.heartbeat_interval_s + 1
+        while time.monotonic() < deadline and any(s.polls for s in self._nodes.values()):
+            time.sleep(0.05)
+        self._server.stop(grace=1.0).wait()
+
+    # -- helpers used by the servicer --------------------------------------------
+
+    def _payload(self, job: Job) -> Payload | None:
+        if job.parameters is None:
+            return None
+        cached = self._payload_cache
+        if cached is not None and cached[0] is job.parameters:
+            return cached[1]
+        payload = Payload.of(job.parameters)
+        self._payload_cache = (job.parameters, payload)
+        return payload
+
+    def _alive(self, state: _NodeState) -> bool:
+        return state.polls > 0 or time.monotonic() - state.last_seen < 3 * self.heartbeat_interval_s + 1
+
+    def _fail_jobs_of_lost_nodes(self, waiting: set[str]) -> list[JobResult]:
+        failed = []
+        with self._lock:
+            for job_id in list(waiting):
+                entry = self._outstanding.get(job_id)
+                if entry is None:
+                    continue
+                state = self._nodes[entry.node_id]
+                if state.joined and not self._alive(state):
+                    failed.append(self._drop(job_id, "node disconnected (no heartbeat)"))
+        return failed
+
+    def _drop(self, job_id: str, reason: str) -> JobResult:
+        """Fail an outstanding job (caller holds the lock)."""
+        entry = self._outstanding.pop(job_id)
+        self._uploads.pop(job_id, None)
+        self._finished.add(job_id)
+        job = entry.job
+        return JobResult(job.run_id, job.round, job.job_id, job.kind, node_id=entry.node_id, error=reason)
+
+    def _reload_revocations(self) -> None:
+        try:
+            mtime = self._crl_path.stat().st_mtime
+        except FileNotFoundError:
+            self._revoked = frozenset()
+            return
+        if mtime != self._crl_mtime:
+            self._revoked = pki.load_revoked_serials(self._certs)
+            self._crl_mtime = mtime
+
+    def _admit(self, context: grpc.ServicerContext) -> _NodeState:
+        """The calling node, or abort the call naming why it is refused."""
+        self._reload_revocations()
+        certificates = context.auth_context().get("x509_pem_cert")
+        pem = certificates[0] if certificates else None
+        try:
+            node_id = pki.check_peer_certificate(
+                pem, ca_certificate=self._ca, revoked=self._revoked, admitted=self._admitted
+            )
+        except pki.AdmissionRefused as refusal:
+            self.refusals.append((refusal.reason, refusal.node_id))
+            logger.warning(
+                "refused a node: %s", refusal.reason.value, extra={"node_id": refusal.node_id, "reason": refusal.reason.name}
+            )
+            if self._on_refusal is not None:
+                self._on_refusal(refusal.reason, refusal.node_id)
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED, f"refused: {refusal.reason.value}")
+        state = self._nodes[node_id]
+        state.last_seen = time.monotonic()
+        return state
+
+    def _complete(self, job_id: str, result: JobResult) -> None:
+        with self._lock:
+            if self._outstanding.pop(job_id, None) is None:
+                return
+            self._uploads.pop(job_id, None)
+            self._finished.add(job_id)
+        self._results.put(result)
+
+
+class _Servicer(pb_grpc.FederationServicer):
+    def __init__(self, transport: GrpcTransport) -> None:
+        self.t = transport
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:  # noqa: N802
+        t = self.t
+        state = t._admit(context)
+        failed = []
+        with t._lock:
+            state.joined = True
+            # A node that joins again restarted: whatever it held is lost.
+            for job_id, entry in list(t._outstanding.items()):
+                if entry.node_id == state.node_id:
+                    failed.append(t._drop(job_id, "node restarted during the job"))
+            while not state.jobs.empty():
+                state.jobs.get_nowait()
+        for result in failed:
+            t._results.put(result)
+        logger.info("node joined", extra={"node_id": state.node_id})
+        return pb.JoinReply(
+            run_id=t.run_id,
+            plan_json=t._plan_json,
+            plan_hash=t._plan_hash,
+            node_id=state.node_id,
+            heartbeat_interval_s=t.heartbeat_interval_s,
+        )
+
+    def PullJob(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.JobHeader:  # noqa: N802
+        t = self.t
+        state = t._admit(context)
+        wait_s = max(0.0, min(float(request.wait_s), 20.0))
+        deadline = time.monotonic() + wait_s
+        state.polls += 1
+        try:
+            while not t._shutdown.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not context.is_active():
+                    return pb.JobHeader(has_job=False)
+                try:
+                    job_id = state.jobs.get(timeout=min(remaining, 0.25))
+                except queue.Empty:
+                    continue
+                with t._lock:
+                    entry = t._outstanding.get(job_id)
+                if entry is None:  # failed or timed out meanwhile
+                    continue
+                return job_header(entry.job, entry.payload)
+            return pb.JobHeader(has_job=False, shutdown=True)
+        finally:
+            state.polls -= 1
+            state.last_seen = time.monotonic()
+
+    def FetchParameters(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:  # noqa: N802
+        t = self.t
+        state = t._admit(context)
+        with t._lock:
+            entry = t._outstanding.get(request.job_id)
+        if entry is None or entry.node_id != state.node_id or entry.payload is None:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no parameters for that job (stale or not yours)")
+            return
+        try:
+            for offset, data in entry.payload.chunks(int(request.offset), chunk_bytes=t._chunk_bytes):
+                state.last_seen = time.monotonic()
+                yield pb.Chunk(offset=offset, data=data)
+        except ProtocolError as exc:
+            _abort(context, grpc.StatusCode.OUT_OF_RANGE, exc.message)
+
+    def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadReply:  # noqa: N802
+        t = self.t
+        state = t._admit(context)
+        with t._lock:
+            if request.job_id in t._finished:
+                return pb.UploadReply(received_bytes=0, complete=True)
+            entry = t._outstanding.get(request.job_id)
+            if entry is None or entry.node_id != state.node_id:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no such job for this node (stale or not yours)")
+            upload = t._uploads.get(request.job_id)
+            return pb.UploadReply(received_bytes=upload.received if upload else 0, complete=False)
+
+    def PushResult(self, request_iterator: Iterator[pb.UploadRequest], context: grpc.ServicerContext) -> pb.UploadReply:  # noqa: N802
+        t = self.t
+        state = t._admit(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with its header")
+        header = first.header
+        job_id = header.job_id
+        with t._lock:
+            if job_id in t._finished:
+                _abort(context, grpc.StatusCode.ALREADY_EXISTS, "result already received (replay refused)")
+            entry = t._outstanding.get(job_id)
+            if entry is None or entry.node_id != state.node_id:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "result for a job this node does not hold (stale)")
+            job = entry.job
+            if header.run_id != job.run_id or header.round != job.round:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "result names another run or round (stale or replayed)")
+            total = int(header.update.total_bytes)
+            limit = (len(entry.payload.data) + _UPDATE_SLACK_BYTES) if (entry.payload and job.kind is JobKind.TRAIN) else 0
+            if total < 0 or total > limit:
+                _abort(context, 
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"update of {total} bytes refused; at most {limit} expected"
+                )
+            upload = t._uploads.get(job_id)
+            if upload is None or upload.header.update != header.update:
+                upload = _Upload(header=header, buffer=bytearray(total))
+                t._uploads[job_id] = upload
+        for message in request_iterator:
+            if not message.HasField("chunk"):
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
+            chunk = message.chunk
+            end = chunk.offset + len(chunk.data)
+            if chunk.offset != upload.received or end > total:
+                _abort(context, 
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"chunk at offset {chunk.offset} does not follow the {upload.received} bytes received",
+                )
+            upload.buffer[chunk.offset : end] = chunk.data
+            upload.received = end
+            state.last_seen = time.monotonic()
+        if upload.received < total:
+            return pb.UploadReply(received_bytes=upload.received, complete=False)
+        update = None
+        if total:
+            try:
+                update = Payload.assemble(upload.buffer, header.update, max_bytes=limit)
+            except FedcareError as exc:
+                with t._lock:
+                    t._uploads.pop(job_id, None)  # start again from zero
+                _abort(context, grpc.StatusCode.DATA_LOSS, exc.message)
+        t._complete(job_id, result_from_header(header, state.node_id, update))
+        return pb.UploadReply(received_bytes=upload.received, complete=True)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:  # noqa: N802
+        self.t._admit(context)
+        return pb.HeartbeatReply(shutdown=self.t._shutdown.is_set())
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    context.abort(code, details)
+    raise AssertionError("grpc's abort returned")  # it raises; this keeps type checkers informed
+
+
+class HandshakeLogMonitor:
+    """Reads gRPC's own log lines and reports TLS handshake refusals.
+
+    gRPC refuses a bad client certificate inside the TLS handshake, before any
+    Python code runs, and writes the reason to the process's standard error.
+    The monitor puts a pipe in place of file descriptor 2, copies every line
+    to the original standard error, and calls ``on_refusal`` with the reason
+    of each handshake failure. Use it in a coordinator process (``fedcare
+    serve``), not in a library caller's process.
+    """
+
+    def __init__(self, on_refusal: Callable[[pki.AdmissionReason], None]) -> None:
+        self._on_refusal = on_refusal
+        self._saved_fd = os.dup(2)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        self._reader = os.fdopen(read_fd, "rb", buffering=0)
+        self._thread = threading.Thread(target=self._pump, name="fedcare-grpc-log", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        pending = b""
+        while True:
+            data = self._reader.read(65536)
+            if not data:
+                break
+            os.write(self._saved_fd, data)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                reason = pki.classify_handshake_failure(line.decode("utf-8", "replace"))
+                if reason is not None:
+                    self._on_refusal(reason)
