@@ -97,7 +97,7 @@ def _site_table(title: str, sites: dict[str, dict[str, float]], examples: dict[s
     return table
 
 
-def _run_with_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], None] | None], Any], show: bool) -> Any:
+def _with_event_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], None] | None], Any], show: bool) -> Any:
     if not show:
         return run(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -143,27 +143,12 @@ def _simulate_and_render(plan_path: Path, out: Path | None, as_json: bool, resum
         plan = load_plan(plan_path)
         check_plan(plan)
         out_dir = out or default_run_dir(plan)
-        result = _run_with_progress(
+        result = _with_event_progress(
             plan, lambda on_event: simulate(plan, out_dir=out_dir, on_event=on_event, resume=resume), show=not as_json
         )
     summary = _summary(result)
     summary["wall_s"] = time.perf_counter() - started
-    if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
-        return
-    final = result.final_evaluation
-    if final is not None:
-        _console.print(
-            _site_table(
-                f"{title}: round {final.round}, each site's own test split",
-                final.sites,
-                final.examples,
-                {"mean of sites": final.mean, "pooled (by n)": final.pooled},
-            )
-        )
-    for failure in result.failures:
-        _console.print(f"[yellow]round {failure['round']}: {failure['node_id']}: {failure['error']}[/]")
-    _console.print(f"run directory: {result.run_dir}  ({summary['wall_s']:.1f} s)")
+    _render_summary(summary, as_json, title=title)
 
 
 @app.command()
@@ -181,9 +166,114 @@ def simulate(
 def demo(
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    inproc: Annotated[bool, typer.Option("--inproc", help="Run the whole federation in this process.")] = False,
 ) -> None:
-    """Four hospitals (Cleveland, Hungary, Switzerland, Long Beach) learn heart disease together."""
-    _simulate_and_render(demo_plan_path(), out, as_json, resume=False, title="heart-disease demo")
+    """Four hospitals (Cleveland, Hungary, Switzerland, Long Beach) learn heart disease together.
+
+    By default the coordinator and each hospital run as separate processes on
+    127.0.0.1, with freshly issued certificates and mutual TLS; ``--inproc``
+    runs the same federation in one process.
+    """
+    if inproc:
+        _simulate_and_render(demo_plan_path(), out, as_json, resume=False, title="heart-disease demo")
+        return
+    from fedcare.demo import prepare_deployment, run_deployed
+    from fedcare.plan import load_plan
+    from fedcare.simulation import default_run_dir
+
+    started = time.perf_counter()
+    with _fedcare_errors():
+        plan = load_plan(demo_plan_path())
+        layout = prepare_deployment(demo_plan_path(), out or default_run_dir(plan))
+        if not as_json:
+            _errors.print(
+                f"coordinator + {len(layout.node_configs)} hospital processes on 127.0.0.1, mutual TLS "
+                f"(certificates in {layout.certs_dir})",
+                highlight=False,
+                soft_wrap=True,
+            )
+        summary = _with_event_progress(plan, lambda on_event: run_deployed(layout, on_event=on_event), show=not as_json)
+    summary["wall_s"] = time.perf_counter() - started
+    _render_summary(summary, as_json, title="heart-disease demo (deployed)")
+
+
+@app.command()
+def serve(
+    plan: Annotated[Path, typer.Argument(help="Plan file (YAML) listing the admitted nodes.")],
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on (port 0: any free port).")] = "0.0.0.0:7443",
+    certs: Annotated[Path, typer.Option("--certs", help="Directory with ca.pem, server.pem, server.key, crl.pem.")] = Path("certs"),
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
+    wait_for_nodes_s: Annotated[float, typer.Option("--wait-for-nodes-s", help="How long to wait for nodes to join.")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object when the run ends.")] = False,
+) -> None:
+    """Coordinate a federation: listen for nodes over mutual TLS and run the plan."""
+    import logging
+
+    from fedcare.deployment import serve as serve_plan
+    from fedcare.plan import load_plan
+    from fedcare.simulation import default_run_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    started = time.perf_counter()
+    with _fedcare_errors():
+        loaded = load_plan(plan)
+        out_dir = out or default_run_dir(loaded)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        host = listen.rsplit(":", 1)[0]
+
+        def listening(port: int) -> None:
+            (Path(out_dir) / "endpoint.json").write_text(json.dumps({"host": host, "port": port}))
+            _errors.print(f"listening on {host}:{port}", highlight=False)
+
+        result = serve_plan(
+            loaded,
+            listen=listen,
+            certs_dir=certs,
+            out_dir=out_dir,
+            wait_for_nodes_s=wait_for_nodes_s,
+            on_listening=listening,
+            capture_handshake_log=True,
+        )
+    summary = _summary(result)
+    summary["wall_s"] = time.perf_counter() - started
+    _render_summary(summary, as_json, title=loaded.name)
+
+
+@app.command()
+def node(
+    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
+    coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")],
+    certs: Annotated[Path, typer.Option("--certs", help="Directory with ca.pem and this node's NAME.pem, NAME.key.")] = Path("certs"),
+    give_up_after_s: Annotated[float | None, typer.Option("--give-up-after-s", help="Stop retrying an unreachable coordinator after this long (default: never).")] = None,
+) -> None:
+    """Run a site's node: dial out to the coordinator and serve its jobs until the run ends."""
+    import logging
+
+    from fedcare.deployment import load_node_config, run_node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    with _fedcare_errors():
+        node_config = load_node_config(config)
+        run_node(node_config, coordinator=coordinator, certs_dir=certs, give_up_after_s=give_up_after_s)
+    _errors.print(f"node {node_config.name}: the run is over", highlight=False)
+
+
+def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    if summary["sites"]:
+        _console.print(
+            _site_table(
+                f"{title}: round {summary['rounds']}, each site's own test split",
+                summary["sites"],
+                summary["examples"],
+                {"mean of sites": summary["mean"], "pooled (by n)": summary["pooled"]},
+            )
+        )
+    for failure in summary["failures"]:
+        _console.print(f"[yellow]round {failure['round']}: {failure['node_id']}: {failure['error']}[/]")
+    _console.print(f"run directory: {summary['run_dir']}  ({summary['wall_s']:.1f} s)")
 
 
 @app.command()

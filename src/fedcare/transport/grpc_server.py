@@ -276,9 +276,6 @@ class GrpcTransport(Transport):
             )
         except pki.AdmissionRefused as refusal:
             self.refusals.append((refusal.reason, refusal.node_id))
-            logger.warning(
-                "refused a node: %s", refusal.reason.value, extra={"node_id": refusal.node_id, "reason": refusal.reason.name}
-            )
             if self._on_refusal is not None:
                 self._on_refusal(refusal.reason, refusal.node_id)
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, f"refused: {refusal.reason.value}")
@@ -313,7 +310,7 @@ class _Servicer(pb_grpc.FederationServicer):
                 state.jobs.get_nowait()
         for result in failed:
             t._results.put(result)
-        logger.info("node joined", extra={"node_id": state.node_id})
+        logger.info("node %s joined", state.node_id, extra={"node_id": state.node_id})
         return pb.JoinReply(
             run_id=t.run_id,
             plan_json=t._plan_json,
