@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fedcare.cli import demo_plan_path
@@ -104,3 +105,38 @@ def test_datasets_lists_bundled_data_with_licences():
     assert out.returncode == 0, out.stderr
     assert "heart-disease" in out.stdout and "breast-cancer" in out.stdout
     assert "CC BY 4.0" in out.stdout
+
+
+def test_baseline_pooled_and_local_print_json_per_site(tmp_path):
+    plan = write_plan(tmp_path / "plan.yaml")
+    for mode in ("pooled", "local"):
+        out = run("baseline", str(plan), "--mode", mode, "--json")
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["mode"] == mode
+        assert set(summary["sites"]) == {"site-0", "site-1", "site-2"}
+        assert 0.8 < summary["mean_site_accuracy"] <= 1.0
+
+
+def test_baseline_unknown_mode_exits_2(tmp_path):
+    plan = write_plan(tmp_path / "plan.yaml")
+    out = run("baseline", str(plan), "--mode", "federated")
+    assert out.returncode == 2
+    assert "--mode" in out.stderr and "federated" in out.stderr
+
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "value"),
+    [
+        ({"task": "tabular-xgboost"}, "plan.task", "tabular-xgboost"),
+        ({"strategy": {"name": "fedsgd"}}, "plan.strategy.name", "fedsgd"),
+        ({"rounds": 0}, "plan.rounds", "0"),
+    ],
+)
+def test_invalid_plan_field_exits_2_naming_field_and_value(tmp_path, changes, field, value):
+    plan = write_plan(tmp_path / "plan.yaml", **changes)
+    out = run("simulate", str(plan))
+    assert out.returncode == 2
+    assert field in out.stderr and value in out.stderr
+    assert not (tmp_path / "runs").exists()
