@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedcare.baselines import normalize_sites, round_seed, run_baseline
+from fedcare.baselines import normalize_sites, run_baseline
+from fedcare.federation.coordinator import round_seed
 from fedcare.data.catalog import DatasetCatalog
 from fedcare.errors import ConfigError
 from fedcare.plan import Plan, parse_plan

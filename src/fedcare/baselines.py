@@ -26,6 +26,7 @@ import numpy as np
 from fedcare.data.catalog import DatasetCatalog
 from fedcare.data.normalization import Standardization, combine_feature_stats, feature_stats
 from fedcare.errors import ConfigError
+from fedcare.federation.coordinator import round_seed
 from fedcare.metrics import aggregate_site_metrics
 from fedcare.params import Parameters
 from fedcare.plan import Plan
@@ -33,7 +34,7 @@ from fedcare.simulation import initial_parameters
 from fedcare.tasks.base import DataSpec, SiteData, Split, Task
 from fedcare.tasks.registry import TaskRegistry
 
-__all__ = ["BaselineMode", "BaselineResult", "round_seed", "run_baseline"]
+__all__ = ["BaselineMode", "BaselineResult", "run_baseline"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,31 +77,6 @@ class BaselineResult:
     pooled: dict[str, float]
     train_examples: dict[str, int]
     parameters: dict[str, Parameters]
-
-
-def round_seed(seed: int, round_number: int, index: int) -> int:
-    """The training seed of one model in one round, as the coordinator derives it.
-
-    Parameters
-    ----------
-    seed : int
-        ``plan.seed``.
-    round_number : int
-        1-based round.
-    index : int
-        Position of the node among the admitted nodes (sorted names).
-
-    Returns
-    -------
-    int
-        A 32-bit seed for the task's batch order.
-
-    Examples
-    --------
-    >>> round_seed(0, 1, 0) == round_seed(0, 1, 0), round_seed(0, 1, 0) == round_seed(0, 2, 0)
-    (True, False)
-    """
-    return int(np.random.SeedSequence([seed, round_number, index]).generate_state(1)[0])
 
 
 def run_baseline(

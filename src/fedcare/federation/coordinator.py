@@ -22,7 +22,7 @@ from fedcare.plan import Plan, plan_hash
 from fedcare.strategies.base import Strategy
 from fedcare.transport.base import Transport
 
-__all__ = ["Coordinator", "EvaluationSummary", "RunResult", "check_participation"]
+__all__ = ["Coordinator", "EvaluationSummary", "RunResult", "check_participation", "round_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,31 @@ class RunResult:
     def final_evaluation(self) -> EvaluationSummary | None:
         """The last federated evaluation, if any ran."""
         return self.evaluations[-1] if self.evaluations else None
+
+
+def round_seed(seed: int, round_number: int, index: int) -> int:
+    """The training seed of one model in one round, derived from the plan seed.
+
+    Parameters
+    ----------
+    seed : int
+        ``plan.seed``.
+    round_number : int
+        1-based round.
+    index : int
+        Position of the node among the admitted nodes (sorted names).
+
+    Returns
+    -------
+    int
+        A 32-bit seed for the task's batch order.
+
+    Examples
+    --------
+    >>> round_seed(0, 1, 0) == round_seed(0, 1, 0), round_seed(0, 1, 0) == round_seed(0, 2, 0)
+    (True, False)
+    """
+    return int(np.random.SeedSequence([seed, round_number, index]).generate_state(1)[0])
 
 
 def check_participation(plan: Plan, nodes: list[str]) -> int:
@@ -287,7 +312,7 @@ class Coordinator:
         self.strategy.begin_round(round_number, global_parameters)
         jobs = {}
         for node in selected:
-            seed = int(np.random.SeedSequence([plan.seed, round_number, nodes.index(node)]).generate_state(1)[0])
+            seed = round_seed(plan.seed, round_number, nodes.index(node))
             jobs[node] = self._job(round_number, node, JobKind.TRAIN, global_parameters, {"seed": seed, **extra.get(node, {})})
         accepted: dict[str, int] = {}
         losses: list[tuple[float, int]] = []

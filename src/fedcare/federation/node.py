@@ -116,12 +116,8 @@ class Node:
             finite = bool(np.isfinite(np.add.reduce(delta)))
         if not (finite or np.isfinite(np.add.reduce(delta, dtype=np.float64))):
             raise ProtocolError("local training produced non-finite weights (NaN or Inf); lower the learning rate")
-        return JobResult(
-            run_id=job.run_id,
-            round=job.round,
-            job_id=job.job_id,
-            kind=job.kind,
-            node_id=self.node_id,
+        return self._answer(
+            job,
             update=Parameters.from_flat(delta, new.spec),
             num_examples=outcome.num_examples,
             metrics={**outcome.metrics, "steps": float(outcome.steps)},
@@ -133,24 +129,16 @@ class Node:
         model = self._model_with(job.parameters)
         data = self._prepare(job.config)
         metrics = self.task.evaluate(model, data.test)
-        return JobResult(
-            run_id=job.run_id,
-            round=job.round,
-            job_id=job.job_id,
-            kind=job.kind,
-            node_id=self.node_id,
+        return self._answer(
+            job,
             num_examples=len(data.test),
             metrics=metrics,
         )
 
     def _feature_stats(self, job: Job) -> JobResult:
         stats = feature_stats(self._data.train.x)
-        return JobResult(
-            run_id=job.run_id,
-            round=job.round,
-            job_id=job.job_id,
-            kind=job.kind,
-            node_id=self.node_id,
+        return self._answer(
+            job,
             num_examples=stats.count,
             statistics={"sum": tuple(stats.sum.tolist()), "sum_of_squares": tuple(stats.sum_of_squares.tolist())},
         )
@@ -185,13 +173,15 @@ class Node:
         self._prepared = (key, prepared)
         return prepared
 
-    def _failure(self, job: Job, message: str) -> JobResult:
+    def _answer(self, job: Job, **fields: Any) -> JobResult:
+        """A result echoing ``job``'s identifiers, from this node."""
         return JobResult(
-            run_id=job.run_id,
-            round=job.round,
-            job_id=job.job_id,
-            kind=job.kind,
-            node_id=self.node_id,
+            run_id=job.run_id, round=job.round, job_id=job.job_id, kind=job.kind, node_id=self.node_id, **fields
+        )
+
+    def _failure(self, job: Job, message: str) -> JobResult:
+        return self._answer(
+            job,
             error=message[:_MAX_ERROR_CHARS],
         )
 
