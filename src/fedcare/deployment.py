@@ -137,6 +137,7 @@ def serve(
     on_event: EventCallback | None = None,
     on_listening: Any = None,
     capture_handshake_log: bool = False,
+    heartbeat_interval_s: float = 3.0,
 ) -> RunResult:
     """Listen for nodes over mutual TLS and run the plan.
 
@@ -159,6 +160,12 @@ def serve(
         Turn gRPC's TLS handshake refusals into log records and events
         (replaces this process's standard error with a pipe; for the
         ``fedcare serve`` process).
+    heartbeat_interval_s : float
+        How often nodes send a heartbeat while they train, in seconds; a node
+        silent for three intervals plus one second is taken as gone. Seconds,
+        not one: a node's first job imports its task's framework (e.g. torch),
+        which holds the GIL, and on a busy machine that silences its heartbeat
+        thread for several seconds.
 
     Raises
     ------
@@ -195,7 +202,9 @@ def serve(
     run_id = uuid.uuid4().hex
     task = registry.get(plan.task)
     dataset = catalog.get(plan.dataset.name)
-    transport = GrpcTransport(plan, listen=listen, certs_dir=certs_dir, on_refusal=refused)
+    transport = GrpcTransport(
+        plan, listen=listen, certs_dir=certs_dir, on_refusal=refused, heartbeat_interval_s=heartbeat_interval_s
+    )
     try:
         transport.set_run(run_id)
         if on_listening is not None:

@@ -28,7 +28,7 @@ from fedcare.transport.base import NodeChannel
 from fedcare.transport.grpc_server import grpc_options
 from fedcare.transport.proto import fedcare_pb2 as pb
 from fedcare.transport.proto import fedcare_pb2_grpc as pb_grpc
-from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_from_header, result_header
+from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_from_header, receive_buffer, result_header
 
 __all__ = ["Backoff", "GrpcNodeChannel"]
 
@@ -176,7 +176,13 @@ class GrpcNodeChannel(NodeChannel):
             return None
         if not header.has_job:
             return None
-        parameters = self._fetch(header) if header.parameters.total_bytes else None
+        try:
+            parameters = self._fetch(header) if header.parameters.total_bytes else None
+        except _StaleJob:
+            # The coordinator gave up on the job (round deadline) between handing it out and
+            # serving its parameters: there is nothing to do, and the node keeps serving.
+            logger.info("job withdrawn by the coordinator", extra={"node_id": self.name, "round": int(header.round)})
+            return None
         return job_from_header(header, parameters)
 
     def push_result(self, result: JobResult) -> None:
@@ -202,6 +208,11 @@ class GrpcNodeChannel(NodeChannel):
                     return
                 raise ProtocolError(f"coordinator acknowledged {reply.received_bytes} bytes of an unfinished upload")
             except grpc.RpcError as error:
+                if error.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                    # A stale result: the job's deadline passed and the coordinator dropped it.
+                    # Like every transport, drop the result and keep serving.
+                    logger.info("coordinator dropped a late result", extra={"node_id": self.name, "round": result.round})
+                    return
                 if error.code() not in _TRANSIENT and error.code() is not grpc.StatusCode.DATA_LOSS:
                     raise _refusal(error) from None
                 self._wait_or_give_up(backoff, started, error)
@@ -222,7 +233,7 @@ class GrpcNodeChannel(NodeChannel):
 
     def _fetch(self, header: pb.JobHeader) -> Parameters:
         total = int(header.parameters.total_bytes)
-        buffer = bytearray(total)
+        buffer = receive_buffer(total)  # the job's tensors end up as views of it
         received = 0
         backoff = self._backoff()
         started = time.monotonic()
@@ -232,12 +243,15 @@ class GrpcNodeChannel(NodeChannel):
                 if received:
                     self.resumed_transfers += 1
                 for chunk in self._stub.FetchParameters(request, timeout=600):
-                    end = chunk.offset + len(chunk.data)
+                    data = chunk.data  # each read of a bytes field copies it
+                    end = chunk.offset + len(data)
                     if chunk.offset != received or end > total:
                         raise ProtocolError(f"chunk at offset {chunk.offset} does not follow byte {received}")
-                    buffer[received:end] = chunk.data
+                    buffer[received:end] = data
                     received = end
             except grpc.RpcError as error:
+                if error.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                    raise _StaleJob from None
                 if error.code() not in _TRANSIENT:
                     raise _refusal(error) from None
                 self._wait_or_give_up(backoff, started, error)
@@ -274,6 +288,10 @@ class GrpcNodeChannel(NodeChannel):
                     self._closed.set()
             except grpc.RpcError:
                 continue  # the next pull reconnects with backoff
+
+
+class _StaleJob(Exception):
+    """The coordinator no longer serves the job's parameters (it dropped the job)."""
 
 
 def _refusal(error: grpc.RpcError) -> FedcareError:

@@ -31,7 +31,7 @@ from fedcare.transport import pki
 from fedcare.transport.base import Transport
 from fedcare.transport.proto import fedcare_pb2 as pb
 from fedcare.transport.proto import fedcare_pb2_grpc as pb_grpc
-from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_header, result_from_header
+from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_header, receive_buffer, result_from_header
 
 __all__ = ["GrpcTransport", "HandshakeLogMonitor", "grpc_options"]
 
@@ -66,7 +66,8 @@ class _Outstanding:
 @dataclass
 class _Upload:
     header: pb.ResultHeader
-    buffer: bytearray
+    #: Where the chunks are written; the update's tensors end up as views of it.
+    buffer: memoryview
     received: int = 0
 
 
@@ -98,6 +99,10 @@ class GrpcTransport(Transport):
         intervals is taken as gone and its outstanding jobs fail.
     on_refusal : callable, optional
         Called with ``(reason, node_id or None)`` for each refused connection.
+    max_concurrent_uploads : int, optional
+        Result uploads received at the same time (default: the number of CPU
+        cores); others wait their turn, so the coordinator holds O(model x
+        this) bytes of updates in flight however many nodes there are.
 
     Examples
     --------
@@ -113,6 +118,7 @@ class GrpcTransport(Transport):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         heartbeat_interval_s: float = 1.0,
         on_refusal: Callable[[pki.AdmissionReason, str | None], None] | None = None,
+        max_concurrent_uploads: int | None = None,
     ) -> None:
         if plan.nodes is None:
             raise TransportError("a deployed plan must list its admitted nodes in plan.nodes")
@@ -138,6 +144,7 @@ class GrpcTransport(Transport):
         self._finished: set[str] = set()
         self._results: queue.Queue[JobResult] = queue.Queue()
         self._shutdown = threading.Event()
+        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads or os.cpu_count() or 1)
         self._payload_cache: tuple[Any, Payload] | None = None
         self.refusals: list[tuple[pki.AdmissionReason, str | None]] = []
         self._server = grpc.server(
@@ -389,26 +396,52 @@ class _Servicer(pb_grpc.FederationServicer):
             if header.run_id != job.run_id or header.round != job.round:
                 _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "result names another run or round (stale or replayed)")
             total = int(header.update.total_bytes)
-            limit = (len(entry.payload.data) + _UPDATE_SLACK_BYTES) if (entry.payload and job.kind is JobKind.TRAIN) else 0
+            limit = (entry.payload.total_bytes + _UPDATE_SLACK_BYTES) if (entry.payload and job.kind is JobKind.TRAIN) else 0
             if total < 0 or total > limit:
                 _abort(context, 
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"update of {total} bytes refused; at most {limit} expected"
                 )
+        # Updates wait for an upload slot before their buffer is allocated (the node's
+        # stream waits under flow control meanwhile), like the in-process transport's slots.
+        while not t._upload_slots.acquire(timeout=0.25):
+            if t._shutdown.is_set() or not context.is_active():
+                _abort(context, grpc.StatusCode.UNAVAILABLE, "coordinator is shutting down")
+        try:
+            return self._receive(t, state, header, request_iterator, context, limit=limit)
+        finally:
+            t._upload_slots.release()
+
+    def _receive(
+        self,
+        t: GrpcTransport,
+        state: _NodeState,
+        header: pb.ResultHeader,
+        request_iterator: Iterator[pb.UploadRequest],
+        context: grpc.ServicerContext,
+        *,
+        limit: int,
+    ) -> pb.UploadReply:
+        job_id = header.job_id
+        total = int(header.update.total_bytes)
+        with t._lock:
+            if job_id not in t._outstanding:  # dropped (deadline) while waiting for the slot
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "result for a job this node does not hold (stale)")
             upload = t._uploads.get(job_id)
             if upload is None or upload.header.update != header.update:
-                upload = _Upload(header=header, buffer=bytearray(total))
+                upload = _Upload(header=header, buffer=receive_buffer(total))
                 t._uploads[job_id] = upload
         for message in request_iterator:
             if not message.HasField("chunk"):
                 _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
             chunk = message.chunk
-            end = chunk.offset + len(chunk.data)
+            data = chunk.data  # each read of a bytes field copies it
+            end = chunk.offset + len(data)
             if chunk.offset != upload.received or end > total:
                 _abort(context, 
                     grpc.StatusCode.OUT_OF_RANGE,
                     f"chunk at offset {chunk.offset} does not follow the {upload.received} bytes received",
                 )
-            upload.buffer[chunk.offset : end] = chunk.data
+            upload.buffer[chunk.offset : end] = data
             upload.received = end
             state.last_seen = time.monotonic()
         if upload.received < total:
