@@ -34,4 +34,5 @@ clean:
 
 # Regenerate the committed gRPC code after editing the .proto file.
 proto: install
+	$(PY) -m pip install --quiet "grpcio-tools>=1.85.1"
 	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. fedcare/transport/proto/fedcare.proto

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fedcare.data.catalog import DatasetCatalog
 from fedcare.federation.coordinator import RunResult
 from fedcare.plan import Plan, load_plan
 from fedcare.simulation import simulate
@@ -46,11 +47,23 @@ def test_canonical_plan_reaches_its_benchmarked_mean_site_accuracy_with_seed_0(r
     assert final.mean["accuracy"] >= MIN_MEAN_ACCURACY_SEED_0
 
 
-def test_canonical_run_trains_and_tests_on_flamby_split_sizes(run: RunResult) -> None:
+def test_canonical_sites_hold_flamby_split_sizes(plan: Plan) -> None:
+    sites = DatasetCatalog.bundled().get(plan.dataset.name).load_sites(plan.dataset)
+
+    assert {name: len(site.train) for name, site in sites.items()} == FLAMBY_TRAIN
+    assert {name: len(site.test) for name, site in sites.items()} == FLAMBY_TEST
+
+
+def test_canonical_run_tests_on_flamby_split_sizes(run: RunResult) -> None:
     final = run.final_evaluation
     assert final is not None
-    assert run.train_examples == FLAMBY_TRAIN
     assert final.examples == FLAMBY_TEST
+
+
+def test_canonical_run_with_secure_aggregation_never_learns_training_counts(plan: Plan, run: RunResult) -> None:
+    # The example weights travel inside the masked vectors: the coordinator sees only their sum.
+    assert plan.secure_aggregation.enabled
+    assert run.train_examples == {}
 
 
 def test_canonical_run_has_13_input_features(run: RunResult) -> None:

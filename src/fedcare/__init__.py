@@ -14,6 +14,7 @@ from fedcare.errors import (  # noqa: E402
     FederationError,
     PolicyViolation,
     ProtocolError,
+    SecAggAborted,
     TransportError,
 )
 from fedcare.params import Parameters  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "Plan",
     "PolicyViolation",
     "ProtocolError",
+    "SecAggAborted",
     "TransportError",
     "__version__",
     "load_plan",

@@ -74,6 +74,7 @@ def _summary(result: Any) -> dict[str, Any]:
         "pooled": {k: _number(v) for k, v in final.pooled.items()} if final else {},
         "mean_site_accuracy": _number(final.mean.get("accuracy")) if final else None,
         "failures": result.failures,
+        "privacy": result.privacy,
         "wall_s": result.wall_s,
     }
 
@@ -187,7 +188,8 @@ def demo(
         layout = prepare_deployment(demo_plan_path(), out or default_run_dir(plan))
         if not as_json:
             _errors.print(
-                f"coordinator + {len(layout.node_configs)} hospital processes on 127.0.0.1, mutual TLS "
+                f"coordinator + {len(layout.node_configs)} hospital processes on 127.0.0.1, mutual TLS"
+                f"{', secure aggregation (SecAgg+)' if plan.secure_aggregation.enabled else ''} "
                 f"(certificates in {layout.certs_dir})",
                 highlight=False,
                 soft_wrap=True,
@@ -273,6 +275,10 @@ def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> No
         )
     for failure in summary["failures"]:
         _console.print(f"[yellow]round {failure['round']}: {failure['node_id']}: {failure['error']}[/]")
+    privacy = summary.get("privacy") or {}
+    if privacy:
+        secure = "on (SecAgg+): the coordinator saw only sums" if privacy.get("secure_aggregation") else "off"
+        _console.print(f"secure aggregation: {secure}; left the sites: {privacy.get('data_leaving_sites')}", highlight=False)
     _console.print(f"run directory: {summary['run_dir']}  ({summary['wall_s']:.1f} s)")
 
 

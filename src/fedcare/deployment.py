@@ -19,6 +19,7 @@ from fedcare.data.catalog import DatasetCatalog
 from fedcare.errors import ConfigError, FederationError, PolicyViolation
 from fedcare.federation.coordinator import Coordinator, EventCallback, RunResult
 from fedcare.federation.node import Node
+from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.plan import Plan, _format_validation_error
 from fedcare.simulation import check_plan, initial_parameters
@@ -57,6 +58,8 @@ class NodeConfig(BaseModel):
     datasets: dict[str, DatasetBinding]
     #: When set, the site runs only the plan with this SHA-256.
     approved_plan_hash: str | None = None
+    #: What the site requires of every round (secure aggregation, participants).
+    policy: NodePolicy = NodePolicy()
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -120,7 +123,8 @@ def run_node(
             )
         data = catalog.get(plan.dataset.name).load_site(plan.dataset, binding.site)
         logger.info("serving", extra={"node_id": config.name, "train_examples": len(data.train)})
-        Node(config.name, task=registry.get(plan.task), data=data, plan=plan).serve(channel)
+        config.policy.check_secure_aggregation(enabled=plan.secure_aggregation.enabled)
+        Node(config.name, task=registry.get(plan.task), data=data, plan=plan, policy=config.policy).serve(channel)
     finally:
         channel.close()
 

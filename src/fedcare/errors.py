@@ -12,7 +12,9 @@ from the matching builtin, so callers can catch either::
     +-- PolicyViolation(FedcareError, PermissionError) a site refuses the work
     |   +-- BudgetExceeded(PolicyViolation)           ... because it would overspend privacy
     +-- FederationError(FedcareError, RuntimeError)  the federation cannot go on
-                                                     (too few nodes left in a round)
+        |                                            (too few nodes left in a round)
+        +-- SecAggAborted(FederationError)           a secure aggregation round could not
+                                                     complete; no partial sum was released
 
 Errors carry the context they happened in (``node_id``, ``round``, ``field``)
 as attributes; messages say what went wrong, what was received and what to do.
@@ -29,6 +31,7 @@ __all__ = [
     "FedcareError",
     "PolicyViolation",
     "ProtocolError",
+    "SecAggAborted",
     "TransportError",
 ]
 
@@ -108,3 +111,19 @@ class BudgetExceeded(PolicyViolation):
 
 class FederationError(FedcareError, RuntimeError):
     """The federation cannot go on, e.g. fewer nodes than the minimum answered."""
+
+
+class SecAggAborted(FederationError):
+    """A secure aggregation round could not complete; no partial sum was released.
+
+    Raised when fewer nodes than the threshold are left at some phase, or too
+    few shares came back to remove the masks. The server discards its running
+    sum, so nothing about the inputs of the nodes that did answer leaks; start a
+    new round (with a new session) to try again.
+
+    Examples
+    --------
+    >>> err = SecAggAborted("only 2 of 5 nodes sent shares; the threshold is 3")
+    >>> isinstance(err, FederationError), isinstance(err, RuntimeError)
+    (True, True)
+    """

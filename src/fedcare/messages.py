@@ -27,6 +27,9 @@ class JobKind(enum.Enum):
     #: Return per-feature counts, sums and sums of squares of the training split,
     #: for federated feature normalization. Only these aggregates leave the site.
     FEATURE_STATS = "feature-stats"
+    #: One later phase of a secure aggregation round (the phase is in the config);
+    #: see :mod:`fedcare.federation.secure_aggregation`.
+    SECAGG = "secagg"
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class JobResult:
         Training or evaluation metrics; numbers only.
     statistics : Mapping[str, tuple[float, ...]]
         For FEATURE_STATS: ``sum`` and ``sum_of_squares`` per feature.
+    data : Mapping[str, Any]
+        JSON-able protocol messages (secure aggregation keys, encrypted shares,
+        signatures); never patient data.
     error : str, optional
         Set when the node could not do the job; says why (no patient data).
     duration_s : float
@@ -94,6 +100,7 @@ class JobResult:
     num_examples: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
     statistics: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     duration_s: float = 0.0
 

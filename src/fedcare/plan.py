@@ -22,6 +22,7 @@ __all__ = [
     "LocalTraining",
     "ModelConfig",
     "Plan",
+    "SecureAggregationConfig",
     "StrategyConfig",
     "load_plan",
     "parse_plan",
@@ -101,6 +102,41 @@ class StrategyConfig(_Section):
     server_learning_rate: float = Field(default=1.0, gt=0)
 
 
+class SecureAggregationConfig(_Section):
+    """Secure aggregation (SecAgg+): the coordinator learns only the sum of the updates.
+
+    Attributes
+    ----------
+    enabled : bool
+        Run every training round through the SecAgg+ protocol.
+    clip : float
+        Each coordinate of a site's update is clipped to ``[-clip, clip]``
+        before it is quantized; clipped coordinates are counted in the round's
+        metrics (``secagg_clipped``).
+    max_examples : int
+        A site's weight in the average is ``min(examples, max_examples) /
+        max_examples``; it travels inside the masked vector, so the coordinator
+        never learns a site's example count. Set it at or above the largest site.
+    neighbours : int, optional
+        Masking neighbours per site; default: every other site up to about 30
+        sites, then ``2 * ceil(3 * log2(sites))``.
+    threshold : int, optional
+        Shares needed to recover a dropped site's masks; also the fewest sites
+        that may remain at any phase. Default: two thirds of a neighbourhood.
+        Must exceed half of ``neighbours + 1``.
+    scale : float, optional
+        Quantization steps per unit; default: the largest at which the sum of
+        the round's sites cannot wrap the 32-bit ring. A larger one is refused.
+    """
+
+    enabled: bool = False
+    clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    max_examples: int = Field(default=100_000, ge=1)
+    neighbours: int | None = Field(default=None, ge=2)
+    threshold: int | None = Field(default=None, ge=2)
+    scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
 class EvaluationConfig(_Section):
     """When the global model is evaluated at every site.
 
@@ -147,6 +183,7 @@ class Plan(_Section):
     model: ModelConfig = ModelConfig()
     seed: int = 0
     round_timeout_s: float | None = Field(default=None, gt=0)
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
     @model_validator(mode="after")
     def _minimum_fits(self) -> Plan:
@@ -161,6 +198,20 @@ class Plan(_Section):
             raise PydanticCustomError(
                 "duplicate_nodes", "nodes lists {repeated} twice", {"repeated": ", ".join(repeated), "loc": "nodes"}
             )
+        secure = self.secure_aggregation
+        sites = self.nodes_per_round or (len(self.nodes) if self.nodes is not None else None)
+        if secure.enabled and sites is not None:
+            from fedcare.federation.secure_aggregation import round_settings
+
+            try:
+                round_settings(secure, num_nodes=sites, vector_length=1)
+            except ConfigError as exc:
+                location = (exc.field or "secure_aggregation").removeprefix("secagg.")
+                raise PydanticCustomError(
+                    "secure_aggregation",
+                    "{message} (for {sites} sites per round)",
+                    {"message": exc.message, "sites": sites, "loc": f"secure_aggregation.{location}"},
+                ) from None
         return self
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedcare.data.catalog import DatasetCatalog
 from fedcare.errors import ConfigError
 from fedcare.federation.coordinator import Coordinator, EventCallback, RunResult, check_participation
 from fedcare.federation.node import Node
+from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.params import Parameters
 from fedcare.plan import Plan
@@ -78,6 +80,7 @@ def simulate(
     on_event: EventCallback | None = None,
     max_concurrency: int | None = None,
     resume: bool = False,
+    policies: Mapping[str, NodePolicy] | None = None,
 ) -> RunResult:
     """Run the plan with every site of its dataset as an in-process node.
 
@@ -97,6 +100,8 @@ def simulate(
         Nodes computing at once; defaults to the number of cores.
     resume : bool
         Continue from the checkpoint in ``out_dir``.
+    policies : mapping of str to NodePolicy, optional
+        Each site's policy, by site name; sites not named have the default.
 
     Returns
     -------
@@ -129,7 +134,8 @@ def simulate(
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
     with InProcTransport(max_concurrency=max_concurrency) as transport:
         for site, data in sites.items():
-            node = Node(site, task=registry.get(plan.task), data=data, plan=plan)
+            policy = (policies or {}).get(site)
+            node = Node(site, task=registry.get(plan.task), data=data, plan=plan, policy=policy)
             transport.add_node(site, node.serve)
         coordinator = Coordinator(
             plan,

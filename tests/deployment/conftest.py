@@ -137,13 +137,14 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.launched: list[Launched] = []
 
-    def start(self, label: str, *args: str | Path) -> Launched:
+    def start(self, label: str, *args: str | Path, program: list[str] = FEDCARE) -> Launched:
+        """Start ``program`` (default: the ``fedcare`` command) with ``args``."""
         stdout_path = self.log_dir / f"{label}.out"
         stderr_path = self.log_dir / f"{label}.err"
         stdout = stdout_path.open("wb")
         stderr = stderr_path.open("wb")
         process = subprocess.Popen(
-            [*FEDCARE, *map(str, args)],
+            [*program, *map(str, args)],
             stdout=stdout,
             stderr=stderr,
             stdin=subprocess.DEVNULL,

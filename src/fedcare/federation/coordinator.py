@@ -13,8 +13,9 @@ import numpy as np
 
 from fedcare import __version__
 from fedcare.data.normalization import FeatureStats, Standardization, combine_feature_stats
-from fedcare.errors import ConfigError, FederationError, ProtocolError, TransportError
+from fedcare.errors import ConfigError, FedcareError, FederationError, ProtocolError, TransportError
 from fedcare.federation.rundir import RunDirectory
+from fedcare.federation.secure_aggregation import SecureRound, masked_words, round_settings
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.metrics import aggregate_site_metrics
 from fedcare.params import Parameters
@@ -66,6 +67,8 @@ class RunResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
     train_examples: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    #: What protected the updates and what left the sites (as in the model card).
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_evaluation(self) -> EvaluationSummary | None:
@@ -128,6 +131,14 @@ def check_participation(plan: Plan, nodes: list[str]) -> int:
         raise ConfigError(
             f"needs {plan.min_nodes} nodes per round but only {per_round} take part", field="plan.min_nodes"
         )
+    if plan.secure_aggregation.enabled:
+        try:
+            round_settings(plan.secure_aggregation, num_nodes=per_round, vector_length=1)
+        except ConfigError as exc:
+            location = (exc.field or "").removeprefix("secagg.")
+            raise ConfigError(
+                f"{exc.message} (for {per_round} nodes per round)", field=f"plan.secure_aggregation.{location}"
+            ) from None
     return per_round
 
 
@@ -200,6 +211,12 @@ class Coordinator:
         """
         started = time.perf_counter()
         plan = self.plan
+        if plan.secure_aggregation.enabled and self.strategy.needs_all_updates:
+            raise ConfigError(
+                f"{type(self.strategy).__name__} needs every update on its own, which secure aggregation hides; "
+                "use a streaming strategy such as FedAvg or turn secure aggregation off",
+                field="plan.secure_aggregation.enabled",
+            )
         nodes = self._admitted_nodes()
         per_round = check_participation(plan, nodes)
         result = RunResult(
@@ -240,8 +257,10 @@ class Coordinator:
                 result.evaluations.append(self._evaluate(round_number, nodes, result))
 
         result.wall_s = time.perf_counter() - started
+        card = self._model_card(result)
+        result.privacy = card["privacy"]
         if self.run_dir is not None:
-            self.run_dir.save_model(result.parameters, self._model_card(result))
+            self.run_dir.save_model(result.parameters, card)
         self._emit({"event": "run_end", "rounds_completed": result.rounds_completed, "wall_s": result.wall_s})
         return result
 
@@ -310,13 +329,31 @@ class Coordinator:
         extra = self.strategy.configure_train(round_number, selected)
         global_parameters = result.parameters
         self.strategy.begin_round(round_number, global_parameters)
+        secure = (
+            SecureRound(
+                config=plan.secure_aggregation,
+                run_id=self._run_id,
+                round_number=round_number,
+                nodes=selected,
+                model_size=global_parameters.num_elements,
+            )
+            if plan.secure_aggregation.enabled
+            else None
+        )
         jobs = {}
         for node in selected:
             seed = round_seed(plan.seed, round_number, nodes.index(node))
-            jobs[node] = self._job(round_number, node, JobKind.TRAIN, global_parameters, {"seed": seed, **extra.get(node, {})})
+            config = {"seed": seed, **extra.get(node, {})}
+            if secure is not None:
+                config["secagg"] = secure.train_config(node)
+            jobs[node] = self._job(round_number, node, JobKind.TRAIN, global_parameters, config)
         accepted: dict[str, int] = {}
         losses: list[tuple[float, int]] = []
-        for answer in self._exchange(jobs, result):
+        secure_metrics: dict[str, Any] = {}
+        if secure is not None:
+            accepted, secure_metrics = self._secure_sum(secure, jobs, global_parameters, result)
+        answers = self._exchange(jobs, result) if secure is None else iter(())
+        for answer in answers:
             try:
                 update = self._check_update(answer, global_parameters)
                 self.strategy.accumulate(update, weight=answer.num_examples, node_id=answer.node_id)
@@ -348,9 +385,101 @@ class Coordinator:
                 "num_examples": sum(accepted.values()),
                 "train_loss": sum(l * n for l, n in losses) / total if total else None,
                 "duration_s": time.perf_counter() - round_started,
+                **secure_metrics,
             }
         )
         return new_parameters
+
+    def _secure_sum(
+        self, secure: SecureRound, train_jobs: Mapping[str, Job], global_parameters: Parameters, result: RunResult
+    ) -> tuple[dict[str, int], dict[str, Any]]:
+        """Run the SecAgg+ phases of one round and fold the weighted mean into the strategy.
+
+        Returns the nodes whose masked updates are in the sum (with 0 examples:
+        the coordinator does not learn counts) and the round's secure
+        aggregation metrics.
+
+        Raises
+        ------
+        FederationError
+            If the protocol cannot complete (fewer than the threshold remain at
+            some phase); no partial sum is released.
+        """
+        round_number = secure.round_number
+        server = secure.server
+        try:
+            keys = {
+                secure.index(answer.node_id): self._field(answer, "keys", result)
+                for answer in self._exchange(train_jobs, result)
+            }
+            keys = {i: k for i, k in keys.items() if k is not None}
+            rosters = server.receive_keys(keys)
+            shares = self._secure_phase(
+                secure, result, "share_keys", {i: {"roster": {str(j): a for j, a in r.items()}} for i, r in rosters.items()}
+            )
+            routed = server.receive_shares({i: {int(j): c for j, c in s["shares"].items()} for i, s in shares.items()})
+            self._secure_phase(
+                secure,
+                result,
+                "masked_input",
+                {i: {"ciphertexts": {str(j): c for j, c in r.items()}, "vector_length": secure.context.params.vector_length} for i, r in routed.items()},
+            )
+            survivors = server.survivors()
+            signed = self._secure_phase(
+                secure, result, "consistency_check", {i: {"survivors": survivors} for i in survivors}
+            )
+            broadcast = server.receive_signatures({i: s["signature"] for i, s in signed.items()})
+            signatures = {str(i): signature for i, signature in broadcast.items()}
+            reveals = self._secure_phase(
+                secure, result, "unmask", {i: {"survivors": survivors, "signatures": signatures} for i in map(int, signatures)}
+            )
+            total = server.finish({i: {int(j): v for j, v in r["shares"].items()} for i, r in reveals.items()})
+            mean, weight = secure.weighted_mean(total)
+        except (FedcareError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            message = exc.message if isinstance(exc, FedcareError) else f"malformed message ({type(exc).__name__}: {exc})"
+            self._emit({"event": "round_failed", "round": round_number, "secure_aggregation": message})
+            raise FederationError(
+                f"secure aggregation failed: {message}; no partial sum was released and the checkpoint of round "
+                f"{result.rounds_completed} is intact",
+                round=round_number,
+            ) from None
+        self.strategy.accumulate(
+            Parameters.from_flat(mean.astype(np.float32), global_parameters.spec), weight=weight, node_id="secure-sum"
+        )
+        sizes = server.phase_sizes()
+        accepted = {secure.node(i): 0 for i in survivors}
+        return accepted, {"secure_aggregation": {"phases": sizes, "clipped": secure.num_clipped}}
+
+    def _secure_phase(
+        self, secure: SecureRound, result: RunResult, phase: str, messages: Mapping[int, Mapping[str, Any]]
+    ) -> dict[int, Mapping[str, Any]]:
+        """Send one SecAgg phase's messages; return the answers' data (masked inputs go to the server)."""
+        jobs = {
+            secure.node(i): self._job(secure.round_number, secure.node(i), JobKind.SECAGG, config={"secagg_phase": phase, **m})
+            for i, m in messages.items()
+        }
+        answers: dict[int, Mapping[str, Any]] = {}
+        for answer in self._exchange(jobs, result):
+            index = secure.index(answer.node_id)
+            if phase == "masked_input":
+                if answer.update is None:
+                    self._record_failure(result, answer, "masked input carries no vector")
+                    continue
+                try:
+                    words = masked_words(answer.update, length=secure.context.params.vector_length)
+                    secure.server.add_masked_input(index, words)
+                except ProtocolError as exc:
+                    self._record_failure(result, answer, exc.message)
+                    continue
+                secure.num_clipped += int(answer.metrics.get("secagg_clipped", 0))
+            answers[index] = answer.data
+        return answers
+
+    def _field(self, answer: JobResult, name: str, result: RunResult) -> Any:
+        value = answer.data.get(name)
+        if value is None:
+            self._record_failure(result, answer, f"the answer carries no {name!r}")
+        return value
 
     def _evaluate(self, round_number: int, nodes: list[str], result: RunResult) -> EvaluationSummary:
         jobs = {
@@ -472,14 +601,18 @@ class Coordinator:
             "dataset": plan.dataset.model_dump(mode="json"),
             "strategy": plan.strategy.model_dump(mode="json"),
             "rounds_completed": result.rounds_completed,
-            "sites": sorted(result.train_examples),
+            "sites": sorted(result.train_examples) or (sorted(final.sites) if final else []),
             "train_examples": dict(sorted(result.train_examples.items())),
             "test_examples": final.examples if final else {},
             "metrics": {"sites": final.sites, "mean": final.mean, "pooled": final.pooled} if final else {},
             "privacy": {
                 "differential_privacy": None,
-                "secure_aggregation": False,
-                "data_leaving_sites": "model updates, metrics, example counts"
+                "secure_aggregation": plan.secure_aggregation.enabled,
+                "data_leaving_sites": (
+                    "masked model updates (only their weighted sum is revealed), evaluation metrics"
+                    if plan.secure_aggregation.enabled
+                    else "model updates, metrics, example counts"
+                )
                 + (", per-feature sums and sums of squares" if plan.dataset.normalization == "federated" else ""),
             },
             "parameters": {name: list(shape) for name, shape in result.parameters.spec},

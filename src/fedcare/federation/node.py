@@ -10,6 +10,8 @@ import numpy as np
 
 from fedcare.data.normalization import Standardization, feature_stats
 from fedcare.errors import FedcareError, ProtocolError
+from fedcare.federation.policy import NodePolicy
+from fedcare.federation.secure_aggregation import NodeSecureAggregation, masked_parameters
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.params import Parameters
 from fedcare.plan import Plan, plan_hash
@@ -36,6 +38,8 @@ class Node:
         The site's local data; it never leaves this object.
     plan : Plan
         The plan the site approved; jobs made for another plan are refused.
+    policy : NodePolicy, optional
+        What the site requires of every round (default: nothing beyond the plan).
 
     Examples
     --------
@@ -51,10 +55,12 @@ class Node:
     True
     """
 
-    def __init__(self, node_id: str, *, task: Task, data: SiteData, plan: Plan) -> None:
+    def __init__(self, node_id: str, *, task: Task, data: SiteData, plan: Plan, policy: NodePolicy | None = None) -> None:
         self.node_id = node_id
         self.task = task
         self.plan = plan
+        self.policy = policy or NodePolicy()
+        self._secure = NodeSecureAggregation(min_participants=self.policy.min_participants)
         self._data = data
         self._plan_hash = plan_hash(plan)
         self._model: Any = None
@@ -87,6 +93,8 @@ class Node:
                 result = self._evaluate(job)
             elif job.kind is JobKind.FEATURE_STATS:
                 result = self._feature_stats(job)
+            elif job.kind is JobKind.SECAGG:
+                result = self._secure_step(job)
             else:  # pragma: no cover - JobKind is closed
                 raise ProtocolError(f"unknown job kind {job.kind!r}")
         except FedcareError as exc:
@@ -102,6 +110,12 @@ class Node:
     def _train(self, job: Job) -> JobResult:
         if job.parameters is None:
             raise ProtocolError("a training job must carry the global parameters")
+        secure = job.config.get("secagg")
+        self.policy.check_secure_aggregation(enabled=secure is not None)
+        if secure is not None:
+            # Check the round's settings (and the policy) before spending time on training.
+            context, _, _ = NodeSecureAggregation.context_from(secure, run_id=job.run_id, round_number=job.round)
+            self.policy.check_participants(context.params.num_nodes, stage="announced")
         model = self._model_with(job.parameters)
         data = self._prepare(job.config)
         outcome = self.task.train(model, data.train, self.plan, seed=int(job.config.get("seed", 0)))
@@ -116,6 +130,12 @@ class Node:
             finite = bool(np.isfinite(np.add.reduce(delta)))
         if not (finite or np.isfinite(np.add.reduce(delta, dtype=np.float64))):
             raise ProtocolError("local training produced non-finite weights (NaN or Inf); lower the learning rate")
+        if secure is not None:
+            # The update stays here; only public keys leave now, and later the masked sum's share.
+            keys = self._secure.start(
+                config=secure, run_id=job.run_id, round_number=job.round, update=delta, num_examples=outcome.num_examples
+            )
+            return self._answer(job, data={"keys": keys}, metrics={"steps": float(outcome.steps)})
         return self._answer(
             job,
             update=Parameters.from_flat(delta, new.spec),
@@ -134,6 +154,12 @@ class Node:
             num_examples=len(data.test),
             metrics=metrics,
         )
+
+    def _secure_step(self, job: Job) -> JobResult:
+        data, masked, num_clipped = self._secure.step(config=job.config, run_id=job.run_id, round_number=job.round)
+        if masked is None:
+            return self._answer(job, data=data)
+        return self._answer(job, update=masked_parameters(masked), metrics={"secagg_clipped": float(num_clipped)})
 
     def _feature_stats(self, job: Job) -> JobResult:
         stats = feature_stats(self._data.train.x)

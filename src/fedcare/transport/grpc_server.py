@@ -396,7 +396,7 @@ class _Servicer(pb_grpc.FederationServicer):
             if header.run_id != job.run_id or header.round != job.round:
                 _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "result names another run or round (stale or replayed)")
             total = int(header.update.total_bytes)
-            limit = (entry.payload.total_bytes + _UPDATE_SLACK_BYTES) if (entry.payload and job.kind is JobKind.TRAIN) else 0
+            limit = _update_limit(job, entry.payload)
             if total < 0 or total > limit:
                 _abort(context, 
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"update of {total} bytes refused; at most {limit} expected"
@@ -501,3 +501,12 @@ class HandshakeLogMonitor:
                 reason = pki.classify_handshake_failure(line.decode("utf-8", "replace"))
                 if reason is not None:
                     self._on_refusal(reason)
+
+
+def _update_limit(job: Job, payload: Payload | None) -> int:
+    """The most bytes a result of ``job`` may upload: updates are model-sized, nothing else uploads."""
+    if job.kind is JobKind.TRAIN and payload is not None:
+        return payload.total_bytes + _UPDATE_SLACK_BYTES
+    if job.kind is JobKind.SECAGG and job.config.get("secagg_phase") == "masked_input":
+        return 4 * int(job.config["vector_length"]) + _UPDATE_SLACK_BYTES  # uint32 words
+    return 0

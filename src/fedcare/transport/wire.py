@@ -45,6 +45,7 @@ _KINDS: dict[JobKind, Any] = {
     JobKind.TRAIN: pb.JOB_KIND_TRAIN,
     JobKind.EVALUATE: pb.JOB_KIND_EVALUATE,
     JobKind.FEATURE_STATS: pb.JOB_KIND_FEATURE_STATS,
+    JobKind.SECAGG: pb.JOB_KIND_SECAGG,
 }
 _KINDS_BACK: dict[Any, JobKind] = {v: k for k, v in _KINDS.items()}
 
@@ -303,6 +304,7 @@ def result_header(result: JobResult, payload: Payload | None) -> pb.ResultHeader
         error=result.error or "",
         duration_s=result.duration_s,
         update=payload.blob() if payload is not None else pb.Blob(),
+        data_json=_config_json(result.data) if result.data else "",
     )
     for name, value in result.metrics.items():
         header.metrics[name] = float(value)
@@ -323,6 +325,7 @@ def result_from_header(header: pb.ResultHeader, node_id: str, update: Parameters
         num_examples=int(header.num_examples),
         metrics=dict(header.metrics),
         statistics={name: tuple(v.values) for name, v in header.statistics.items()},
+        data=_config_from_json(header.data_json) if header.data_json else {},
         error=header.error or None,
         duration_s=float(header.duration_s),
     )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedcare/transport/proto/fedcare.proto\x12\nfedcare.v1\"+\n\x04\x42lob\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"&\n\x0bJoinRequest\x12\x17\n\x0f\x66\x65\x64\x63\x61re_version\x18\x01 \x01(\t\"p\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\"-\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xce\x01\n\tJobHeader\x12\x0f\n\x07has_job\x18\x01 \x01(\x08\x12\x10\n\x08shutdown\x18\x02 \x01(\x08\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12!\n\x04kind\x18\x06 \x01(\x0e\x32\x13.fedcare.v1.JobKind\x12\x11\n\tplan_hash\x18\x07 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x08 \x01(\t\x12$\n\nparameters\x18\t \x01(\x0b\x32\x10.fedcare.v1.Blob\">\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\x19\n\x07\x44oubles\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\xa9\x03\n\x0cResultHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12!\n\x04kind\x18\x04 \x01(\x0e\x32\x13.fedcare.v1.JobKind\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.fedcare.v1.ResultHeader.MetricsEntry\x12<\n\nstatistics\x18\x07 \x03(\x0b\x32(.fedcare.v1.ResultHeader.StatisticsEntry\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nduration_s\x18\t \x01(\x01\x12 \n\x06update\x18\n \x01(\x0b\x32\x10.fedcare.v1.Blob\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x46\n\x0fStatisticsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.fedcare.v1.Doubles:\x02\x38\x01\"g\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedcare.v1.ResultHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedcare.v1.ChunkH\x00\x42\x06\n\x04item\"7\n\x0bUploadReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"5\n\x13UploadStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\"\n\x0eHeartbeatReply\x12\x10\n\x08shutdown\x18\x01 \x01(\x08*j\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_KIND_TRAIN\x10\x01\x12\x15\n\x11JOB_KIND_EVALUATE\x10\x02\x12\x1a\n\x16JOB_KIND_FEATURE_STATS\x10\x03\x32\x96\x03\n\nFederation\x12\x36\n\x04Join\x12\x17.fedcare.v1.JoinRequest\x1a\x15.fedcare.v1.JoinReply\x12\x39\n\x07PullJob\x12\x17.fedcare.v1.PullRequest\x1a\x15.fedcare.v1.JobHeader\x12@\n\x0f\x46\x65tchParameters\x12\x18.fedcare.v1.FetchRequest\x1a\x11.fedcare.v1.Chunk0\x01\x12\x42\n\nPushResult\x12\x19.fedcare.v1.UploadRequest\x1a\x17.fedcare.v1.UploadReply(\x01\x12H\n\x0cUploadStatus\x12\x1f.fedcare.v1.UploadStatusRequest\x1a\x17.fedcare.v1.UploadReply\x12\x45\n\tHeartbeat\x12\x1c.fedcare.v1.HeartbeatRequest\x1a\x1a.fedcare.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedcare/transport/proto/fedcare.proto\x12\nfedcare.v1\"+\n\x04\x42lob\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"&\n\x0bJoinRequest\x12\x17\n\x0f\x66\x65\x64\x63\x61re_version\x18\x01 \x01(\t\"p\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\"-\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xce\x01\n\tJobHeader\x12\x0f\n\x07has_job\x18\x01 \x01(\x08\x12\x10\n\x08shutdown\x18\x02 \x01(\x08\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12!\n\x04kind\x18\x06 \x01(\x0e\x32\x13.fedcare.v1.JobKind\x12\x11\n\tplan_hash\x18\x07 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x08 \x01(\t\x12$\n\nparameters\x18\t \x01(\x0b\x32\x10.fedcare.v1.Blob\">\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\x19\n\x07\x44oubles\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\xbc\x03\n\x0cResultHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12!\n\x04kind\x18\x04 \x01(\x0e\x32\x13.fedcare.v1.JobKind\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.fedcare.v1.ResultHeader.MetricsEntry\x12<\n\nstatistics\x18\x07 \x03(\x0b\x32(.fedcare.v1.ResultHeader.StatisticsEntry\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nduration_s\x18\t \x01(\x01\x12 \n\x06update\x18\n \x01(\x0b\x32\x10.fedcare.v1.Blob\x12\x11\n\tdata_json\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x46\n\x0fStatisticsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.fedcare.v1.Doubles:\x02\x38\x01\"g\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedcare.v1.ResultHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedcare.v1.ChunkH\x00\x42\x06\n\x04item\"7\n\x0bUploadReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"5\n\x13UploadStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\"\n\x0eHeartbeatReply\x12\x10\n\x08shutdown\x18\x01 \x01(\x08*\x7f\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_KIND_TRAIN\x10\x01\x12\x15\n\x11JOB_KIND_EVALUATE\x10\x02\x12\x1a\n\x16JOB_KIND_FEATURE_STATS\x10\x03\x12\x13\n\x0fJOB_KIND_SECAGG\x10\x04\x32\x96\x03\n\nFederation\x12\x36\n\x04Join\x12\x17.fedcare.v1.JoinRequest\x1a\x15.fedcare.v1.JoinReply\x12\x39\n\x07PullJob\x12\x17.fedcare.v1.PullRequest\x1a\x15.fedcare.v1.JobHeader\x12@\n\x0f\x46\x65tchParameters\x12\x18.fedcare.v1.FetchRequest\x1a\x11.fedcare.v1.Chunk0\x01\x12\x42\n\nPushResult\x12\x19.fedcare.v1.UploadRequest\x1a\x17.fedcare.v1.UploadReply(\x01\x12H\n\x0cUploadStatus\x12\x1f.fedcare.v1.UploadStatusRequest\x1a\x17.fedcare.v1.UploadReply\x12\x45\n\tHeartbeat\x12\x1c.fedcare.v1.HeartbeatRequest\x1a\x1a.fedcare.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULTHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_RESULTHEADER_STATISTICSENTRY']._loaded_options = None
   _globals['_RESULTHEADER_STATISTICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBKIND']._serialized_start=1355
-  _globals['_JOBKIND']._serialized_end=1461
+  _globals['_JOBKIND']._serialized_start=1374
+  _globals['_JOBKIND']._serialized_end=1501
   _globals['_BLOB']._serialized_start=53
   _globals['_BLOB']._serialized_end=96
   _globals['_CHUNK']._serialized_start=98
@@ -54,21 +54,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOUBLES']._serialized_start=611
   _globals['_DOUBLES']._serialized_end=636
   _globals['_RESULTHEADER']._serialized_start=639
-  _globals['_RESULTHEADER']._serialized_end=1064
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=946
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=992
-  _globals['_RESULTHEADER_STATISTICSENTRY']._serialized_start=994
-  _globals['_RESULTHEADER_STATISTICSENTRY']._serialized_end=1064
-  _globals['_UPLOADREQUEST']._serialized_start=1066
-  _globals['_UPLOADREQUEST']._serialized_end=1169
-  _globals['_UPLOADREPLY']._serialized_start=1171
-  _globals['_UPLOADREPLY']._serialized_end=1226
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=1228
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=1281
-  _globals['_HEARTBEATREQUEST']._serialized_start=1283
-  _globals['_HEARTBEATREQUEST']._serialized_end=1317
-  _globals['_HEARTBEATREPLY']._serialized_start=1319
-  _globals['_HEARTBEATREPLY']._serialized_end=1353
-  _globals['_FEDERATION']._serialized_start=1464
-  _globals['_FEDERATION']._serialized_end=1870
+  _globals['_RESULTHEADER']._serialized_end=1083
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=965
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=1011
+  _globals['_RESULTHEADER_STATISTICSENTRY']._serialized_start=1013
+  _globals['_RESULTHEADER_STATISTICSENTRY']._serialized_end=1083
+  _globals['_UPLOADREQUEST']._serialized_start=1085
+  _globals['_UPLOADREQUEST']._serialized_end=1188
+  _globals['_UPLOADREPLY']._serialized_start=1190
+  _globals['_UPLOADREPLY']._serialized_end=1245
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=1247
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=1300
+  _globals['_HEARTBEATREQUEST']._serialized_start=1302
+  _globals['_HEARTBEATREQUEST']._serialized_end=1336
+  _globals['_HEARTBEATREPLY']._serialized_start=1338
+  _globals['_HEARTBEATREPLY']._serialized_end=1372
+  _globals['_FEDERATION']._serialized_start=1504
+  _globals['_FEDERATION']._serialized_end=1910
 # @@protoc_insertion_point(module_scope)

@@ -13,10 +13,12 @@ class JobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_KIND_TRAIN: _ClassVar[JobKind]
     JOB_KIND_EVALUATE: _ClassVar[JobKind]
     JOB_KIND_FEATURE_STATS: _ClassVar[JobKind]
+    JOB_KIND_SECAGG: _ClassVar[JobKind]
 JOB_KIND_UNSPECIFIED: JobKind
 JOB_KIND_TRAIN: JobKind
 JOB_KIND_EVALUATE: JobKind
 JOB_KIND_FEATURE_STATS: JobKind
+JOB_KIND_SECAGG: JobKind
 
 class Blob(_message.Message):
     __slots__ = ("total_bytes", "sha256")
@@ -101,7 +103,7 @@ class Doubles(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("run_id", "round", "job_id", "kind", "num_examples", "metrics", "statistics", "error", "duration_s", "update")
+    __slots__ = ("run_id", "round", "job_id", "kind", "num_examples", "metrics", "statistics", "error", "duration_s", "update", "data_json")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +128,7 @@ class ResultHeader(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     job_id: str
@@ -136,7 +139,8 @@ class ResultHeader(_message.Message):
     error: str
     duration_s: float
     update: Blob
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., job_id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., statistics: _Optional[_Mapping[str, Doubles]] = ..., error: _Optional[str] = ..., duration_s: _Optional[float] = ..., update: _Optional[_Union[Blob, _Mapping]] = ...) -> None: ...
+    data_json: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., job_id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., statistics: _Optional[_Mapping[str, Doubles]] = ..., error: _Optional[str] = ..., duration_s: _Optional[float] = ..., update: _Optional[_Union[Blob, _Mapping]] = ..., data_json: _Optional[str] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
     __slots__ = ("header", "chunk")
