@@ -80,24 +80,33 @@ def test_more_nodes_per_round_than_sites_exits_2(tmp_path):
     assert "plan.nodes_per_round" in out.stderr and "5" in out.stderr
 
 
-def test_demo_runs_heart_disease_federation_and_prints_table(tmp_path):
+def test_demo_runs_heart_disease_federation_and_prints_table_and_epsilon_spent(tmp_path):
     out = run("demo", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr
     for hospital in ("cleveland", "hungary", "switzerland", "va-long-beach"):
         assert hospital in out.stdout
     assert "rounds" in out.stderr  # the progress bar
+    [line] = [line for line in out.stdout.splitlines() if line.startswith("record-level DP")]
+    assert all(f"{hospital} " in line for hospital in ("cleveland", "hungary", "switzerland", "va-long-beach"))
 
 
 def test_demo_json_has_required_keys(tmp_path):
-    out = run("demo", "--json", "--out", str(tmp_path / "demo"))
+    out = run("demo", "--inproc", "--json", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert {"run_dir", "rounds", "sites", "mean_site_accuracy", "wall_s"} <= set(summary)
+    assert {"run_dir", "rounds", "sites", "mean_site_accuracy", "epsilon_spent", "wall_s"} <= set(summary)
     assert len(summary["sites"]) == 4
+    assert sorted(summary["epsilon_spent"]) == sorted(summary["sites"])
 
 
-def test_demo_runs_the_example_plan():
-    assert load_plan(demo_plan_path()) == load_plan(ROOT / "examples" / "heart_disease.yaml")
+def test_demo_runs_the_example_plans():
+    assert load_plan(demo_plan_path()) == load_plan(ROOT / "examples" / "heart_disease_dp.yaml")
+    assert load_plan(demo_plan_path(private=False)) == load_plan(ROOT / "examples" / "heart_disease.yaml")
+
+
+def test_demo_plan_turns_record_level_dp_on_at_epsilon_1_and_delta_1e_3():
+    record_level = load_plan(demo_plan_path()).privacy.record_level
+    assert (record_level.enabled, record_level.epsilon, record_level.delta) == (True, 1.0, 1e-3)
 
 
 def test_datasets_lists_bundled_data_with_licences():

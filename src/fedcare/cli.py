@@ -54,9 +54,14 @@ def _fedcare_errors() -> Iterator[None]:
         raise typer.Exit(code) from None
 
 
-def demo_plan_path() -> Path:
-    """The packaged copy of ``examples/heart_disease.yaml`` that ``fedcare demo`` runs."""
-    return Path(str(resources.files("fedcare").joinpath("plans", "heart_disease.yaml")))
+def demo_plan_path(*, private: bool = True) -> Path:
+    """The packaged plan ``fedcare demo`` runs: ``examples/heart_disease_dp.yaml``.
+
+    With ``private=False``, ``examples/heart_disease.yaml``: the same
+    federation without record-level differential privacy.
+    """
+    name = "heart_disease_dp.yaml" if private else "heart_disease.yaml"
+    return Path(str(resources.files("fedcare").joinpath("plans", name)))
 
 
 def _number(value: Any) -> Any:
@@ -75,6 +80,7 @@ def _summary(result: Any) -> dict[str, Any]:
         "mean_site_accuracy": _number(final.mean.get("accuracy")) if final else None,
         "failures": result.failures,
         "privacy": result.privacy,
+        "epsilon_spent": dict(sorted(result.epsilon_spent.items())),
         "wall_s": result.wall_s,
     }
 
@@ -168,15 +174,21 @@ def demo(
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     inproc: Annotated[bool, typer.Option("--inproc", help="Run the whole federation in this process.")] = False,
+    no_dp: Annotated[
+        bool, typer.Option("--no-dp", help="Train without record-level differential privacy (heart_disease.yaml).")
+    ] = False,
 ) -> None:
     """Four hospitals (Cleveland, Hungary, Switzerland, Long Beach) learn heart disease together.
 
     By default the coordinator and each hospital run as separate processes on
-    127.0.0.1, with freshly issued certificates and mutual TLS; ``--inproc``
-    runs the same federation in one process.
+    127.0.0.1, with freshly issued certificates and mutual TLS, secure
+    aggregation, and record-level differential privacy at every hospital
+    (epsilon 1, delta 1e-3); ``--inproc`` runs the same federation in one
+    process, ``--no-dp`` without differential privacy.
     """
+    plan_path = demo_plan_path(private=not no_dp)
     if inproc:
-        _simulate_and_render(demo_plan_path(), out, as_json, resume=False, title="heart-disease demo")
+        _simulate_and_render(plan_path, out, as_json, resume=False, title="heart-disease demo")
         return
     from fedcare.demo import prepare_deployment, run_deployed
     from fedcare.plan import load_plan
@@ -184,12 +196,13 @@ def demo(
 
     started = time.perf_counter()
     with _fedcare_errors():
-        plan = load_plan(demo_plan_path())
-        layout = prepare_deployment(demo_plan_path(), out or default_run_dir(plan))
+        plan = load_plan(plan_path)
+        layout = prepare_deployment(plan_path, out or default_run_dir(plan))
         if not as_json:
             _errors.print(
                 f"coordinator + {len(layout.node_configs)} hospital processes on 127.0.0.1, mutual TLS"
-                f"{', secure aggregation (SecAgg+)' if plan.secure_aggregation.enabled else ''} "
+                f"{', secure aggregation (SecAgg+)' if plan.secure_aggregation.enabled else ''}"
+                f"{', record-level DP' if plan.privacy.record_level.enabled else ''} "
                 f"(certificates in {layout.certs_dir})",
                 highlight=False,
                 soft_wrap=True,
@@ -279,6 +292,13 @@ def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> No
     if privacy:
         secure = "on (SecAgg+): the coordinator saw only sums" if privacy.get("secure_aggregation") else "off"
         _console.print(f"secure aggregation: {secure}; left the sites: {privacy.get('data_leaving_sites')}", highlight=False)
+        record_level = (privacy.get("differential_privacy") or {}).get("record_level")
+        if record_level:
+            spent = ", ".join(f"{site} {eps:.3f}" for site, eps in (summary.get("epsilon_spent") or {}).items())
+            _console.print(
+                f"record-level DP (DP-SGD), epsilon spent per site at delta {record_level['delta']:g}: {spent or 'none'}",
+                highlight=False,
+            )
     _console.print(f"run directory: {summary['run_dir']}  ({summary['wall_s']:.1f} s)")
 
 
@@ -331,6 +351,61 @@ def baseline(
             {"mean of sites": result.mean, "pooled (by n)": result.pooled},
         )
     )
+
+
+@app.command("audit-privacy")
+def audit_privacy(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `fedcare simulate`.")],
+    shadow_models: Annotated[int, typer.Option("--shadow-models", help="Shadow federations for LiRA (at least 2).")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shadows' data halves, weights and batches.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Membership inference against a run's final model: can an attacker tell who trained it?"""
+    from fedcare.privacy.audit import AUDIT_FILENAME, audit_run
+
+    with _fedcare_errors():
+        audit = audit_run(run, shadow_models=shadow_models, seed=seed)
+    if as_json:
+        sys.stdout.write(json.dumps(audit.to_dict()) + "\n")
+        return
+    table = Table(
+        title=f"membership inference, {audit.shadow_models} shadow federations: members = training records, "
+        "non-members = test records",
+        title_justify="left",
+    )
+    for header in ("site", "members", "non-members", "loss AUC", "LiRA AUC", "LiRA TPR@1%FPR", "LiRA TPR@0.1%FPR"):
+        table.add_column(header, justify="left" if header == "site" else "right", no_wrap=True)
+    coarse = False
+
+    def cell(value: float, *, target_fpr: float = 0.0, min_fpr: float = 0.0) -> str:
+        nonlocal coarse
+        if math.isnan(value):
+            return "–"
+        coarse = coarse or min_fpr > target_fpr
+        return f"{value:.3f}{'*' if min_fpr > target_fpr else ''}"
+
+    for name, site in audit.sites.items():
+        lira = site.lira
+        table.add_row(
+            name,
+            str(site.members),
+            str(site.non_members),
+            cell(site.loss_threshold.auc),
+            cell(lira.auc),
+            cell(lira.tpr_at_1pct_fpr, target_fpr=0.01, min_fpr=lira.min_fpr),
+            cell(lira.tpr_at_0_1pct_fpr, target_fpr=0.001, min_fpr=lira.min_fpr),
+        )
+    table.add_section()
+    mean = audit.mean_auc()
+    table.add_row("mean of sites", "", "", cell(mean["loss_threshold"]), cell(mean["lira"]), "", "", style="bold")
+    _console.print(table)
+    _console.print("AUC 0.5: the attack does no better than guessing; 1.0: it tells every member apart.", highlight=False)
+    if coarse:
+        _console.print(
+            "* below the resolution of the site's non-members: the TPR is read at FPR = 1 / non-members.",
+            highlight=False,
+        )
+    _console.print(f"written to {run / AUDIT_FILENAME}  ({audit.wall_s:.1f} s)", highlight=False, soft_wrap=True)
 
 
 certs_app = typer.Typer(

@@ -58,7 +58,13 @@ def prepare_deployment(plan_path: str | Path, run_dir: str | Path) -> DemoLayout
         pki.issue_certificate(certs, role="node", name=site, lifetime_days=1)
         config = run / "nodes" / f"{site}.yaml"
         config.parent.mkdir(exist_ok=True)
-        config.write_text(yaml.safe_dump({"name": site, "datasets": {plan.dataset.name: {"site": site}}}))
+        node: dict[str, object] = {"name": site, "datasets": {plan.dataset.name: {"site": site}}}
+        record_level = plan.privacy.record_level
+        if record_level.enabled:
+            # Each hospital's own lifetime budget for the dataset; its ledger lives beside node.yaml.
+            budget = {"epsilon": record_level.epsilon, "delta": record_level.delta, "accountant": record_level.accountant}
+            node["policy"] = {"privacy": {plan.dataset.name: budget}}
+        config.write_text(yaml.safe_dump(node, sort_keys=False))
         configs[site] = config
     deployed_path = run / "deploy-plan.yaml"
     deployed_path.write_text(yaml.safe_dump(deployed.model_dump(mode="json"), sort_keys=False))

@@ -58,8 +58,11 @@ class NodeConfig(BaseModel):
     datasets: dict[str, DatasetBinding]
     #: When set, the site runs only the plan with this SHA-256.
     approved_plan_hash: str | None = None
-    #: What the site requires of every round (secure aggregation, participants).
+    #: What the site requires of every round (secure aggregation, participants, privacy budgets).
     policy: NodePolicy = NodePolicy()
+    #: Where the site keeps its privacy ledgers, one file per dataset, across runs (relative paths
+    #: are relative to node.yaml). Default: ``NAME-privacy-ledger/`` beside node.yaml.
+    ledger_dir: Path | None = None
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -79,9 +82,12 @@ def load_node_config(path: str | Path) -> NodeConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"node config is not valid YAML: {exc}", field="node") from None
     try:
-        return NodeConfig.model_validate(data)
+        config = NodeConfig.model_validate(data)
     except ValidationError as exc:
         raise _format_validation_error(exc, root="node") from None
+    base = Path(path).resolve().parent
+    ledger_dir = base / (config.ledger_dir or f"{config.name}-privacy-ledger")
+    return config.model_copy(update={"ledger_dir": ledger_dir})
 
 
 def run_node(
@@ -124,7 +130,15 @@ def run_node(
         data = catalog.get(plan.dataset.name).load_site(plan.dataset, binding.site)
         logger.info("serving", extra={"node_id": config.name, "train_examples": len(data.train)})
         config.policy.check_secure_aggregation(enabled=plan.secure_aggregation.enabled)
-        Node(config.name, task=registry.get(plan.task), data=data, plan=plan, policy=config.policy).serve(channel)
+        config.policy.check_record_level_dp(enabled=plan.privacy.record_level.enabled)
+        Node(
+            config.name,
+            task=registry.get(plan.task),
+            data=data,
+            plan=plan,
+            policy=config.policy,
+            ledger_dir=config.ledger_dir or Path(f"{config.name}-privacy-ledger"),
+        ).serve(channel)
     finally:
         channel.close()
 
@@ -221,7 +235,12 @@ def serve(
             )
         coordinator = Coordinator(
             plan,
-            strategy=make_strategy(plan.strategy),
+            strategy=make_strategy(
+                plan.strategy,
+                privacy=plan.privacy.site_level,
+                num_sampled=plan.nodes_per_round or len(plan.nodes),
+                num_nodes=len(plan.nodes),
+            ),
             transport=transport,
             initial_parameters=initial_parameters(task, dataset.spec(plan.dataset), plan),
             run_dir=run_dir,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,11 @@ __all__ = [
     "LocalTraining",
     "ModelConfig",
     "Plan",
+    "PrivacyConfig",
+    "PrivacyWarning",
+    "RecordLevelPrivacy",
     "SecureAggregationConfig",
+    "SiteLevelPrivacy",
     "StrategyConfig",
     "load_plan",
     "parse_plan",
@@ -137,6 +142,106 @@ class SecureAggregationConfig(_Section):
     scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
+Accountant = Literal["prv", "rdp", "pld"]
+
+#: Above this epsilon a guarantee means little; plan validation warns.
+EPSILON_WARNING = 10.0
+
+
+class PrivacyWarning(UserWarning):
+    """A plan's privacy settings are valid but weak (epsilon above 10)."""
+
+
+class RecordLevelPrivacy(_Section):
+    """Record-level differential privacy at every site: DP-SGD through Opacus.
+
+    Each site trains with per-example gradient clipping, Gaussian noise and
+    Poisson sampling, and accounts what it spends in its own ledger; the site's
+    policy sets its lifetime budget, and a round that would exceed it is refused.
+
+    Attributes
+    ----------
+    enabled : bool
+        Train with DP-SGD at every site.
+    epsilon : float
+        The epsilon each site spends on this run, all rounds and the feature
+        statistics together; the noise multiplier is derived from it for the
+        planned rounds unless ``noise_multiplier`` is given.
+    delta : float
+        The delta of the guarantee; keep it below 1 / (records at a site).
+    max_grad_norm : float
+        Per-example gradient clipping bound (L2).
+    noise_multiplier : float, optional
+        Noise standard deviation over ``max_grad_norm``; derived from
+        ``epsilon`` when not set.
+    accountant : {"pld", "prv", "rdp"}
+        dp-accounting PLD (default), Opacus PRV or Opacus RDP (looser).
+    feature_stats_noise_multiplier : float
+        With federated normalization, each site releases its counts, sums and
+        sums of squares with Gaussian noise of this multiplier (features
+        clipped to the dataset's public bounds); the release counts in the budget.
+    """
+
+    enabled: bool = False
+    epsilon: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    accountant: Accountant = "pld"
+    feature_stats_noise_multiplier: float = Field(default=8.0, gt=0, allow_inf_nan=False)
+
+
+class SiteLevelPrivacy(_Section):
+    """Site-level differential privacy: DP-FedAvg over whole site updates.
+
+    Each update is clipped to ``clip_norm`` (L2) and the sum carries Gaussian
+    noise of standard deviation ``noise_multiplier * clip_norm``; the
+    guarantee covers everything a site contributes, accounted over rounds with
+    the site sampling rate ``nodes_per_round / nodes``.
+
+    Attributes
+    ----------
+    enabled : bool
+    mode : {"central", "distributed"}
+        ``central``: the coordinator clips and adds the noise (it sees the
+        updates). ``distributed``: each site clips its own update and adds its
+        share of the noise before secure aggregation masks it, so the
+        coordinator only ever sees the noisy sum; needs
+        ``secure_aggregation.enabled``.
+    noise_multiplier : float
+    clip_norm : float
+        The L2 bound of one site's update (the initial one with adaptive clipping).
+    adaptive_clipping : bool
+        Adapt ``clip_norm`` towards the ``target_quantile`` of update norms
+        (Andrew et al., 2021), from a noised count of unclipped updates.
+    target_quantile : float
+    clip_learning_rate : float
+        Step of the geometric update of the clipping bound.
+    clipped_count_stddev : float, optional
+        Noise on the count of unclipped updates; default: sites per round / 20.
+    delta : float
+    accountant : {"prv", "rdp", "pld"}
+    """
+
+    enabled: bool = False
+    mode: Literal["central", "distributed"] = "central"
+    noise_multiplier: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    clip_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(default=0.2, gt=0, allow_inf_nan=False)
+    clipped_count_stddev: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Accountant = "pld"
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: record level at each site, site level over updates."""
+
+    record_level: RecordLevelPrivacy = RecordLevelPrivacy()
+    site_level: SiteLevelPrivacy = SiteLevelPrivacy()
+
+
 class EvaluationConfig(_Section):
     """When the global model is evaluated at every site.
 
@@ -184,6 +289,7 @@ class Plan(_Section):
     seed: int = 0
     round_timeout_s: float | None = Field(default=None, gt=0)
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _minimum_fits(self) -> Plan:
@@ -212,6 +318,21 @@ class Plan(_Section):
                     "{message} (for {sites} sites per round)",
                     {"message": exc.message, "sites": sites, "loc": f"secure_aggregation.{location}"},
                 ) from None
+        site_level = self.privacy.site_level
+        if site_level.enabled and site_level.mode == "distributed" and not secure.enabled:
+            raise PydanticCustomError(
+                "distributed_dp",
+                "distributed DP needs secure_aggregation.enabled: true (the sum must hide each noisy share)",
+                {"loc": "privacy.site_level.mode"},
+            )
+        record_level = self.privacy.record_level
+        if record_level.enabled and record_level.noise_multiplier is None and record_level.epsilon > EPSILON_WARNING:
+            warnings.warn(
+                f"plan.privacy.record_level.epsilon is {record_level.epsilon}; above {EPSILON_WARNING:g} "
+                "differential privacy gives little protection",
+                PrivacyWarning,
+                stacklevel=2,
+            )
         return self
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 from fedcare.data.catalog import DatasetCatalog
 from fedcare.errors import ConfigError
@@ -13,13 +18,16 @@ from fedcare.federation.node import Node
 from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.params import Parameters
-from fedcare.plan import Plan
+from fedcare.plan import EPSILON_WARNING, Plan, PrivacyWarning
 from fedcare.strategies import make_strategy
 from fedcare.tasks.base import DataSpec, Task
 from fedcare.tasks.registry import TaskRegistry
 from fedcare.transport.inproc import InProcTransport
 
 __all__ = ["check_plan", "default_run_dir", "initial_parameters", "simulate"]
+
+#: Spawn key of the site-level DP noise stream, apart from every training seed.
+_SITE_LEVEL_NOISE = 0x44504641
 
 
 def default_run_dir(plan: Plan, root: str | Path = "runs") -> Path:
@@ -69,6 +77,48 @@ def check_plan(
             )
         sites = list(plan.nodes)
     check_participation(plan, sites)
+    _check_site_level_privacy(plan, num_nodes=len(sites))
+
+
+def _check_site_level_privacy(plan: Plan, *, num_nodes: int) -> None:
+    """Refuse central site-level DP under secure aggregation; warn when the planned epsilon is weak."""
+    site_level = plan.privacy.site_level
+    if not site_level.enabled:
+        return
+    if site_level.mode == "central" and plan.secure_aggregation.enabled:
+        raise ConfigError(
+            "central site-level DP clips each site's update at the coordinator, which secure aggregation hides; "
+            "use mode: distributed (the sites clip and noise) or turn secure aggregation off",
+            field="plan.privacy.site_level.mode",
+        )
+    from fedcare.strategies.dp_fedavg import site_level_epsilon
+
+    try:
+        epsilon = site_level_epsilon(plan, num_nodes)
+    except ConfigError as exc:  # the accountant cannot compose it: far beyond any useful epsilon
+        warnings.warn(f"plan.privacy.site_level: {exc.message}", PrivacyWarning, stacklevel=3)
+        return
+    if epsilon > EPSILON_WARNING:
+        warnings.warn(
+            f"plan.privacy.site_level: {plan.rounds} rounds at noise_multiplier {site_level.noise_multiplier:g} "
+            f"with {plan.nodes_per_round or num_nodes} of {num_nodes} sites per round spend a site-level epsilon of "
+            f"{epsilon:.3g} (delta {site_level.delta:g}); above {EPSILON_WARNING:g} differential privacy gives little "
+            "protection: raise the noise multiplier, run fewer rounds or sample fewer sites per round",
+            PrivacyWarning,
+            stacklevel=3,
+        )
+
+
+def _ledger_root(
+    plan: Plan, run_dir: RunDirectory | None, ledger_dir: str | Path | None, stack: contextlib.ExitStack
+) -> Path | None:
+    if not plan.privacy.record_level.enabled:
+        return None
+    if ledger_dir is not None:
+        return Path(ledger_dir)
+    if run_dir is not None:
+        return run_dir.path / "ledgers"
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedcare-ledgers-")))
 
 
 def simulate(
@@ -81,6 +131,7 @@ def simulate(
     max_concurrency: int | None = None,
     resume: bool = False,
     policies: Mapping[str, NodePolicy] | None = None,
+    ledger_dir: str | Path | None = None,
 ) -> RunResult:
     """Run the plan with every site of its dataset as an in-process node.
 
@@ -102,6 +153,10 @@ def simulate(
         Continue from the checkpoint in ``out_dir``.
     policies : mapping of str to NodePolicy, optional
         Each site's policy, by site name; sites not named have the default.
+    ledger_dir : str or Path, optional
+        With record-level DP, where each site keeps its privacy ledger
+        (``ledger_dir/SITE/``), so budgets carry over between simulated runs.
+        Default: ``out_dir/ledgers``, or a temporary directory without ``out_dir``.
 
     Returns
     -------
@@ -132,14 +187,29 @@ def simulate(
     if plan.nodes is not None:
         sites = {name: sites[name] for name in plan.nodes}
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
-    with InProcTransport(max_concurrency=max_concurrency) as transport:
+    with contextlib.ExitStack() as stack, InProcTransport(max_concurrency=max_concurrency) as transport:
+        ledgers = _ledger_root(plan, run_dir, ledger_dir, stack)
         for site, data in sites.items():
-            policy = (policies or {}).get(site)
-            node = Node(site, task=registry.get(plan.task), data=data, plan=plan, policy=policy)
+            node = Node(
+                site,
+                task=registry.get(plan.task),
+                data=data,
+                plan=plan,
+                policy=(policies or {}).get(site),
+                ledger_dir=None if ledgers is None else ledgers / site,
+                secure_noise=False,  # a simulated study can be repeated; deployments draw noise from the OS
+            )
             transport.add_node(site, node.serve)
         coordinator = Coordinator(
             plan,
-            strategy=make_strategy(plan.strategy),
+            strategy=make_strategy(
+                plan.strategy,
+                privacy=plan.privacy.site_level,
+                num_sampled=check_participation(plan, list(sites)),
+                num_nodes=len(sites),
+                # Seeded by the plan: a simulated study can be repeated; deployments draw noise from the OS.
+                rng=np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(_SITE_LEVEL_NOISE,))),
+            ),
             transport=transport,
             initial_parameters=initial_parameters(task, dataset.spec(plan.dataset), plan),
             run_dir=run_dir,

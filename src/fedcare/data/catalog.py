@@ -131,6 +131,13 @@ class HeartDisease(BundledDataset):
         "age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
         "cp_atypical_angina", "cp_non_anginal", "cp_asymptomatic", "restecg_st_t", "restecg_lvh",
     )  # fmt: skip
+    #: Public bounds of each feature, from heart-disease.names and clinical ranges (not from the
+    #: records): age in years, resting blood pressure in mm Hg, serum cholesterol in mg/dl (0 is
+    #: how Switzerland records a missing value), maximum heart rate, ST depression in mm; the rest are 0/1.
+    BOUNDS = (
+        (20.0, 90.0), (0.0, 1.0), (80.0, 200.0), (0.0, 600.0), (0.0, 1.0), (60.0, 210.0), (0.0, 1.0), (-3.0, 7.0),
+        (0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0),
+    )  # fmt: skip
 
     def spec(self, config: DatasetConfig) -> DataSpec:
         return DataSpec(
@@ -138,6 +145,7 @@ class HeartDisease(BundledDataset):
             num_classes=2,
             feature_names=self.FEATURES,
             class_names=("no disease", "disease"),
+            feature_bounds=self.BOUNDS,
         )
 
     def site_names(self, config: DatasetConfig) -> tuple[str, ...]:

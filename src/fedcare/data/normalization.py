@@ -12,19 +12,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcare.errors import ProtocolError
+from fedcare.errors import DataError, ProtocolError
 from fedcare.tasks.base import SiteData, Split
 
-__all__ = ["FeatureStats", "Standardization", "combine_feature_stats", "feature_stats"]
+__all__ = [
+    "FeatureStats",
+    "Standardization",
+    "combine_feature_stats",
+    "feature_stats",
+    "private_feature_stats",
+    "stats_sensitivity",
+]
 
 
 @dataclass(frozen=True)
 class FeatureStats:
     """Aggregates of one site's training features."""
 
-    count: int
+    count: float
     sum: np.ndarray
     sum_of_squares: np.ndarray
+    #: Public lower bounds of the standard deviation (released with differential privacy, the
+    #: variance estimate is noisy; the coordinator never goes below these).
+    scale_floor: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,88 @@ def feature_stats(x: np.ndarray) -> FeatureStats:
     )
 
 
+#: With noisy statistics the standard deviation is kept above this share of a feature's public range.
+_SCALE_FLOOR = 1 / 16
+
+
+def stats_sensitivity(num_features: int) -> float:
+    """L2 sensitivity of one record's ``(1, u, u**2)`` with ``u`` in ``[-1/2, 1/2]`` per feature.
+
+    Examples
+    --------
+    >>> round(stats_sensitivity(13), 4)
+    2.25
+    """
+    return float(np.sqrt(1.0 + num_features / 4 + num_features / 16))
+
+
+def private_feature_stats(
+    x: np.ndarray,
+    *,
+    bounds: Sequence[tuple[float, float]],
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> FeatureStats:
+    """Row count, sums and sums of squares released with the Gaussian mechanism.
+
+    Each feature is clipped to its public bounds ``[lo, hi]`` and mapped to
+    ``u = (x - mid) / (hi - lo)`` in ``[-1/2, 1/2]``. Adding or removing one
+    record changes ``(count, sum u, sum u**2)`` by at most
+    :func:`stats_sensitivity` in L2 norm; Gaussian noise of
+    ``noise_multiplier`` times that is added to each, and the noisy moments
+    are mapped back to the original units (post-processing, free of privacy
+    cost). The release is one Gaussian mechanism with sampling rate 1.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``(n, d)`` training features; read only.
+    bounds : sequence of (float, float)
+        ``d`` public bounds, each with ``lo < hi``.
+    noise_multiplier : float
+        Noise standard deviation over the sensitivity.
+    rng : numpy.random.Generator
+        The noise source (seeded from the OS in deployments).
+
+    Returns
+    -------
+    FeatureStats
+        With a real-valued (noisy) ``count``.
+
+    Raises
+    ------
+    DataError
+        If ``bounds`` does not give one ``lo < hi`` pair per feature.
+
+    Examples
+    --------
+    >>> x = np.array([[0.0], [1.0]] * 50)
+    >>> stats = private_feature_stats(x, bounds=[(0.0, 1.0)], noise_multiplier=1e-9,
+    ...                               rng=np.random.default_rng(0))
+    >>> round(float(stats.count), 3), round(float(stats.sum[0]), 3), round(float(stats.sum_of_squares[0]), 3)
+    (100.0, 50.0, 50.0)
+    """
+    low = np.array([b[0] for b in bounds], dtype=np.float64)
+    high = np.array([b[1] for b in bounds], dtype=np.float64)
+    if low.shape != (x.shape[1],) or not (high > low).all():
+        raise DataError(
+            f"feature statistics with differential privacy need one public (low, high) bound per feature, "
+            f"low < high; got {len(bounds)} bounds for {x.shape[1]} features"
+        )
+    width, middle = high - low, (high + low) / 2
+    u = (np.clip(x, low, high, dtype=np.float64) - middle) / width
+    scale = noise_multiplier * stats_sensitivity(x.shape[1])
+    count = float(x.shape[0]) + rng.normal(0.0, scale)
+    sum_u = u.sum(axis=0) + rng.normal(0.0, scale, size=x.shape[1])
+    squares_u = np.square(u).sum(axis=0) + rng.normal(0.0, scale, size=x.shape[1])
+    return FeatureStats(
+        count=count,
+        sum=middle * count + width * sum_u,
+        sum_of_squares=middle**2 * count + 2 * middle * width * sum_u + width**2 * squares_u,
+        scale_floor=width * _SCALE_FLOOR,
+    )
+
+
 def combine_feature_stats(stats: Sequence[FeatureStats]) -> Standardization:
     """Global mean and population standard deviation from sites' aggregates.
 
@@ -99,14 +191,19 @@ def combine_feature_stats(stats: Sequence[FeatureStats]) -> Standardization:
     count = sum(s.count for s in stats)
     total = np.sum([s.sum for s in stats], axis=0)
     squares = np.sum([s.sum_of_squares for s in stats], axis=0)
-    return _from_moments(count, total, squares)
+    floors = [s.scale_floor for s in stats if s.scale_floor is not None]
+    return _from_moments(count, total, squares, floor=np.max(floors, axis=0) if floors else None)
 
 
-def _from_moments(count: int, total: np.ndarray, squares: np.ndarray) -> Standardization:
+def _from_moments(
+    count: float, total: np.ndarray, squares: np.ndarray, *, floor: np.ndarray | None = None
+) -> Standardization:
     if count <= 0:
         raise ProtocolError("feature statistics cover no rows")
     mean = total / count
     variance = np.maximum(squares / count - mean**2, 0.0)
     scale = np.sqrt(variance)
+    if floor is not None:
+        np.maximum(scale, floor, out=scale)
     scale[scale < 1e-12] = 1.0
     return Standardization(mean=mean, scale=scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,8 @@ class RunResult:
     wall_s: float = 0.0
     #: What protected the updates and what left the sites (as in the model card).
     privacy: dict[str, Any] = field(default_factory=dict)
+    #: With record-level DP: the epsilon each site reports spent on the dataset (its ledger), latest.
+    epsilon_spent: dict[str, float] = field(default_factory=dict)
 
     @property
     def final_evaluation(self) -> EvaluationSummary | None:
@@ -229,7 +231,12 @@ class Coordinator:
         if resume and self.run_dir is not None:
             checkpoint = self.run_dir.load_checkpoint()
             if checkpoint is not None:
-                done, parameters, _state = checkpoint
+                done, parameters, state = checkpoint
+                if "normalization" in state and plan.dataset.normalization == "federated":
+                    # Released once: under differential privacy a second release would spend budget again.
+                    self._normalization = Standardization.from_config(
+                        state["normalization"], num_features=len(state["normalization"]["mean"])
+                    )
                 result.parameters = parameters.freeze()
                 result.rounds_completed = done
                 first_round = done + 1
@@ -245,14 +252,17 @@ class Coordinator:
                 "first_round": first_round,
             }
         )
-        if plan.dataset.normalization == "federated":
+        if plan.dataset.normalization == "federated" and self._normalization is None:
             self._normalization = self._federated_normalization(nodes, result)
 
         for round_number in range(first_round, plan.rounds + 1):
             result.parameters = self._train_round(round_number, nodes, per_round, result)
             result.rounds_completed = round_number
             if self.run_dir is not None:
-                self.run_dir.save_checkpoint(round=round_number, parameters=result.parameters, state={"run_id": self._run_id})
+                saved: dict[str, Any] = {"run_id": self._run_id}
+                if self._normalization is not None:
+                    saved["normalization"] = self._normalization.to_config()
+                self.run_dir.save_checkpoint(round=round_number, parameters=result.parameters, state=saved)
             if round_number % plan.evaluation.every_rounds == 0 or round_number == plan.rounds:
                 result.evaluations.append(self._evaluate(round_number, nodes, result))
 
@@ -296,24 +306,28 @@ class Coordinator:
         stats: list[FeatureStats] = []
         for answer in self._exchange(jobs, result):
             try:
+                floor = answer.statistics.get("scale_floor")
                 stats.append(
                     FeatureStats(
-                        count=answer.num_examples,
+                        # With differential privacy the count is noisy and travels as a statistic.
+                        count=float(answer.statistics.get("count", (answer.num_examples,))[0]),
                         sum=np.asarray(answer.statistics["sum"], dtype=np.float64),
                         sum_of_squares=np.asarray(answer.statistics["sum_of_squares"], dtype=np.float64),
+                        scale_floor=None if floor is None else np.asarray(floor, dtype=np.float64),
                     )
                 )
             except KeyError:
                 self._record_failure(result, answer, "feature statistics are missing")
         widths = {s.sum.shape for s in stats} | {s.sum_of_squares.shape for s in stats}
         if len(stats) < self.plan.min_nodes or len(widths) != 1:
+            reasons = "; ".join(f"{f['node_id']}: {f['error']}" for f in result.failures if f["round"] == 0)
             raise FederationError(
                 f"federated normalization needs statistics of one width from at least "
-                f"{self.plan.min_nodes} nodes, got {len(stats)}",
+                f"{self.plan.min_nodes} nodes, got {len(stats)}" + (f" ({reasons})" if reasons else ""),
                 round=0,
             )
         standardization = combine_feature_stats(stats)
-        self._emit({"event": "normalization", "nodes": len(stats), "num_examples": sum(s.count for s in stats)})
+        self._emit({"event": "normalization", "nodes": len(stats), "num_examples": round(sum(s.count for s in stats))})
         return standardization
 
     def _train_round(
@@ -336,6 +350,7 @@ class Coordinator:
                 round_number=round_number,
                 nodes=selected,
                 model_size=global_parameters.num_elements,
+                site_level=plan.privacy.site_level,
             )
             if plan.secure_aggregation.enabled
             else None
@@ -386,9 +401,17 @@ class Coordinator:
                 "train_loss": sum(l * n for l, n in losses) / total if total else None,
                 "duration_s": time.perf_counter() - round_started,
                 **secure_metrics,
+                **self._epsilon_metrics(selected, result),
+                **({"site_level_dp": m} if (m := self.strategy.round_metrics()) else {}),
             }
         )
         return new_parameters
+
+    def _epsilon_metrics(self, nodes: Sequence[str], result: RunResult) -> dict[str, Any]:
+        """The epsilon the round's sites report spent so far, for the round's event."""
+        if not self.plan.privacy.record_level.enabled:
+            return {}
+        return {"dp_epsilon": {node: result.epsilon_spent[node] for node in nodes if node in result.epsilon_spent}}
 
     def _secure_sum(
         self, secure: SecureRound, train_jobs: Mapping[str, Job], global_parameters: Parameters, result: RunResult
@@ -481,6 +504,24 @@ class Coordinator:
             self._record_failure(result, answer, f"the answer carries no {name!r}")
         return value
 
+    def _privacy_card(self, result: RunResult) -> dict[str, Any] | None:
+        record_level = self.plan.privacy.record_level
+        if not record_level.enabled:
+            return None
+        return {
+            "record_level": {
+                "mechanism": "DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson sampling)",
+                "planned_epsilon": record_level.epsilon,
+                "delta": record_level.delta,
+                "max_grad_norm": record_level.max_grad_norm,
+                "accountant": record_level.accountant,
+                "feature_stats_noise_multiplier": record_level.feature_stats_noise_multiplier
+                if self.plan.dataset.normalization == "federated"
+                else None,
+                "epsilon_spent": dict(sorted(result.epsilon_spent.items())),
+            }
+        }
+
     def _evaluate(self, round_number: int, nodes: list[str], result: RunResult) -> EvaluationSummary:
         jobs = {
             node: self._job(round_number, node, JobKind.EVALUATE, result.parameters)
@@ -551,6 +592,8 @@ class Coordinator:
             if not answer.ok:
                 self._record_failure(result, answer, answer.error or "unknown error")
                 continue
+            if "dp_epsilon" in answer.metrics:
+                result.epsilon_spent[answer.node_id] = float(answer.metrics["dp_epsilon"])
             yield answer
         for job_id, node in pending.items():
             round_number = jobs[node].round
@@ -606,7 +649,7 @@ class Coordinator:
             "test_examples": final.examples if final else {},
             "metrics": {"sites": final.sites, "mean": final.mean, "pooled": final.pooled} if final else {},
             "privacy": {
-                "differential_privacy": None,
+                "differential_privacy": self._privacy_card(result),
                 "secure_aggregation": plan.secure_aggregation.enabled,
                 "data_leaving_sites": (
                     "masked model updates (only their weighted sum is revealed), evaluation metrics"

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedcare.data.normalization import Standardization, feature_stats
-from fedcare.errors import FedcareError, ProtocolError
+from fedcare.errors import ConfigError, FedcareError, ProtocolError
+from fedcare.federation.differential_privacy import NodePrivacy
 from fedcare.federation.policy import NodePolicy
 from fedcare.federation.secure_aggregation import NodeSecureAggregation, masked_parameters
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.params import Parameters
 from fedcare.plan import Plan, plan_hash
-from fedcare.tasks.base import SiteData, Task
+from fedcare.tasks.base import SiteData, Task, TrainHook
 from fedcare.transport.base import NodeChannel
 
 __all__ = ["Node"]
@@ -40,6 +43,12 @@ class Node:
         The plan the site approved; jobs made for another plan are refused.
     policy : NodePolicy, optional
         What the site requires of every round (default: nothing beyond the plan).
+    ledger_dir : Path, optional
+        Where the site's privacy ledgers live; needed when the plan enables
+        record-level DP.
+    secure_noise : bool
+        Seed DP noise from the operating system (default). Simulations pass
+        ``False`` to derive it from the job seeds, so a study can be repeated.
 
     Examples
     --------
@@ -55,12 +64,43 @@ class Node:
     True
     """
 
-    def __init__(self, node_id: str, *, task: Task, data: SiteData, plan: Plan, policy: NodePolicy | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        task: Task,
+        data: SiteData,
+        plan: Plan,
+        policy: NodePolicy | None = None,
+        ledger_dir: Path | None = None,
+        secure_noise: bool = True,
+    ) -> None:
         self.node_id = node_id
         self.task = task
         self.plan = plan
         self.policy = policy or NodePolicy()
-        self._secure = NodeSecureAggregation(min_participants=self.policy.min_participants)
+        self._privacy: NodePrivacy | None = None
+        if plan.privacy.record_level.enabled:
+            if ledger_dir is None:
+                raise ConfigError(
+                    "the plan enables record-level DP, so the site needs a privacy ledger directory",
+                    node_id=node_id,
+                    field="ledger_dir",
+                )
+            self._privacy = NodePrivacy(
+                plan,
+                policy=self.policy,
+                ledger_dir=ledger_dir,
+                num_examples=len(data.train),
+                spec=data.spec,
+                secure_noise=secure_noise,
+            )
+        self._secure = NodeSecureAggregation(
+            min_participants=self.policy.min_participants,
+            site_level=plan.privacy.site_level,
+            # Distributed-DP noise shares: from the OS in deployments, repeatable in simulations.
+            noise_rng=None if secure_noise else np.random.default_rng([plan.seed, *node_id.encode()]),
+        )
         self._data = data
         self._plan_hash = plan_hash(plan)
         self._model: Any = None
@@ -112,13 +152,26 @@ class Node:
             raise ProtocolError("a training job must carry the global parameters")
         secure = job.config.get("secagg")
         self.policy.check_secure_aggregation(enabled=secure is not None)
+        self.policy.check_record_level_dp(enabled=self._privacy is not None)
         if secure is not None:
             # Check the round's settings (and the policy) before spending time on training.
             context, _, _ = NodeSecureAggregation.context_from(secure, run_id=job.run_id, round_number=job.round)
             self.policy.check_participants(context.params.num_nodes, stage="announced")
+        seed = int(job.config.get("seed", 0))
+        hooks: list[TrainHook] = []
+        if self._privacy is not None:
+            # Refused here, before any training, if the round would overspend the site's budget.
+            hook, mechanism = self._privacy.training_hook(run_id=job.run_id, round_number=job.round, seed=seed)
+            hooks.append(hook)
         model = self._model_with(job.parameters)
         data = self._prepare(job.config)
-        outcome = self.task.train(model, data.train, self.plan, seed=int(job.config.get("seed", 0)))
+        outcome = self.task.train(model, data.train, self.plan, seed=seed, hooks=hooks)
+        privacy_metrics: dict[str, float] = {}
+        if self._privacy is not None:
+            if outcome.steps > mechanism.steps:
+                mechanism = dataclasses.replace(mechanism, steps=outcome.steps)  # account what really ran
+            self._privacy.record(mechanism, run_id=job.run_id, round_number=job.round)
+            privacy_metrics = dict(self._privacy.summary())
         new = self.task.get_parameters(model)
         if new.spec != job.parameters.spec:
             raise ProtocolError("the task changed the model's tensors during training")
@@ -135,12 +188,12 @@ class Node:
             keys = self._secure.start(
                 config=secure, run_id=job.run_id, round_number=job.round, update=delta, num_examples=outcome.num_examples
             )
-            return self._answer(job, data={"keys": keys}, metrics={"steps": float(outcome.steps)})
+            return self._answer(job, data={"keys": keys}, metrics={"steps": float(outcome.steps), **privacy_metrics})
         return self._answer(
             job,
             update=Parameters.from_flat(delta, new.spec),
             num_examples=outcome.num_examples,
-            metrics={**outcome.metrics, "steps": float(outcome.steps)},
+            metrics={**outcome.metrics, "steps": float(outcome.steps), **privacy_metrics},
         )
 
     def _evaluate(self, job: Job) -> JobResult:
@@ -162,6 +215,19 @@ class Node:
         return self._answer(job, update=masked_parameters(masked), metrics={"secagg_clipped": float(num_clipped)})
 
     def _feature_stats(self, job: Job) -> JobResult:
+        if self._privacy is not None:
+            private, _ = self._privacy.feature_stats(self._data.train.x, run_id=job.run_id, node_id=self.node_id)
+            assert private.scale_floor is not None
+            return self._answer(
+                job,
+                statistics={
+                    "count": (private.count,),
+                    "sum": tuple(private.sum.tolist()),
+                    "sum_of_squares": tuple(private.sum_of_squares.tolist()),
+                    "scale_floor": tuple(private.scale_floor.tolist()),
+                },
+                metrics=dict(self._privacy.summary()),
+            )
         stats = feature_stats(self._data.train.x)
         return self._answer(
             job,

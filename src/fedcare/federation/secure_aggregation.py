@@ -18,12 +18,28 @@ max_examples``, ``n`` its training examples: the coordinator learns
 ``sum(w_i * update_i)`` and ``sum(w_i)``, hence the example-weighted mean,
 and neither any update nor any site's example count. Whatever arrives at the
 coordinator from one node is a uniformly distributed vector.
+
+With distributed site-level differential privacy (``privacy.site_level.mode:
+distributed``) the training job's ``secagg`` section also carries
+``dp_clip_norm`` (``C``) and ``dp_noise_multiplier`` (``z``), and each of the
+round's ``n`` nodes sends ``[clip_C(update) + N(0, (z C / sqrt(n))^2 I),
+min(1, clip)]`` instead: its update L2-clipped to ``C``, plus its share of the
+noise, with weight 1 whatever its example count. The shares of ``n`` nodes
+add up to noise of standard deviation ``z C`` on the sum, so the revealed sum
+is the central DP-FedAvg sum while no party, the coordinator included, sees a
+site's update with less than its share of noise. If only ``k`` of the ``n``
+nodes reach the sum, its noise is ``z C sqrt(k / n)``, an effective noise
+multiplier of ``z sqrt(k / n)``: to keep ``z`` through up to ``d`` dropouts,
+plan ``z sqrt(n / (n - d))``. The per-coordinate clip of the ring still
+applies (and is counted); the guarantee assumes it clips nothing, so set
+``secure_aggregation.clip`` well above ``C`` plus a few noise shares.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +48,7 @@ import numpy as np
 
 from fedcare.errors import FedcareError, ProtocolError
 from fedcare.params import Parameters
-from fedcare.plan import SecureAggregationConfig
+from fedcare.plan import SecureAggregationConfig, SiteLevelPrivacy
 from fedcare.privacy.secagg import (
     RoundContext,
     SecAggClient,
@@ -45,6 +61,7 @@ from fedcare.privacy.secagg import (
 )
 from fedcare.privacy.secagg.config import SecAggParams
 from fedcare.privacy.secagg.quantize import clip_values
+from fedcare.strategies.kernels import add_gaussian_noise, clip_fold
 
 __all__ = [
     "MASKED_TENSOR",
@@ -138,6 +155,9 @@ class SecureRound:
         The nodes selected for the round, in order; node ``nodes[i]`` is protocol index ``i + 1``.
     model_size : int
         Number of model parameters (the vector summed is one longer: the weight).
+    site_level : SiteLevelPrivacy, optional
+        The plan's site-level DP; in distributed mode its clip norm and noise
+        multiplier go to the nodes with the round's settings.
     """
 
     config: SecureAggregationConfig
@@ -146,6 +166,7 @@ class SecureRound:
     nodes: Sequence[str]
     model_size: int
     num_clipped: int = 0
+    site_level: SiteLevelPrivacy = field(default_factory=SiteLevelPrivacy)
     server: SecAggServer = field(init=False)
     context: RoundContext = field(init=False)
 
@@ -177,10 +198,19 @@ class SecureRound:
             "clip": self.context.clip,
             "scale": self.context.scale,
             "max_examples": self.config.max_examples,
+            **(
+                {"dp_clip_norm": self.site_level.clip_norm, "dp_noise_multiplier": self.site_level.noise_multiplier}
+                if self.site_level.enabled and self.site_level.mode == "distributed"
+                else {}
+            ),
         }
 
     def weighted_mean(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """Dequantize the unmasked sum into (example-weighted mean update, total weight).
+
+        With distributed DP every node's weight is the same constant, so the
+        "mean" is the noisy sum over (constant * nodes summed) and ``mean *
+        weight`` is the noisy sum of the clipped updates itself.
 
         Raises
         ------
@@ -199,6 +229,11 @@ class SecureRound:
 # -- node side ----------------------------------------------------------------------------
 
 
+def _os_generator() -> np.random.Generator:
+    """A generator seeded from the operating system: a noise share nobody can predict."""
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+
+
 @dataclass
 class _Session:
     index: int
@@ -212,13 +247,89 @@ class NodeSecureAggregation:
 
     Parameters
     ----------
-    policy_min_participants : int
+    min_participants : int
         The fewest sites the node lets its update be summed with.
+    site_level : SiteLevelPrivacy, optional
+        The approved plan's site-level DP. In distributed mode the node then
+        refuses a round whose ``secagg`` section omits the DP settings or asks
+        for less noise (or a larger clip norm) than the plan; without it the
+        node applies whatever DP settings the job carries.
+    noise_rng : numpy.random.Generator, optional
+        Source of the distributed-DP noise share; ``None`` (deployments) seeds
+        a fresh generator from ``os.urandom`` for every round.
     """
 
-    def __init__(self, *, min_participants: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        min_participants: int = 1,
+        site_level: SiteLevelPrivacy | None = None,
+        noise_rng: np.random.Generator | None = None,
+    ) -> None:
         self.min_participants = min_participants
+        self.site_level = site_level
+        self._noise_rng = noise_rng
         self._sessions: dict[tuple[str, int], _Session] = {}
+
+    @staticmethod
+    def dp_settings(config: Mapping[str, Any]) -> tuple[float, float] | None:
+        """The distributed-DP ``(clip_norm, noise_multiplier)`` of a ``secagg`` section, or None.
+
+        Raises
+        ------
+        ProtocolError
+            If only one of ``dp_clip_norm`` and ``dp_noise_multiplier`` is
+            present, or either is not a positive finite number (naming it).
+
+        Examples
+        --------
+        >>> NodeSecureAggregation.dp_settings({"dp_clip_norm": 0.5, "dp_noise_multiplier": 1.0})
+        (0.5, 1.0)
+        >>> NodeSecureAggregation.dp_settings({}) is None
+        True
+        >>> NodeSecureAggregation.dp_settings({"dp_clip_norm": 0.5, "dp_noise_multiplier": -1})
+        Traceback (most recent call last):
+        ...
+        fedcare.errors.ProtocolError: secagg.dp_noise_multiplier: must be a positive finite number, got -1
+        """
+        present = [key for key in ("dp_clip_norm", "dp_noise_multiplier") if key in config]
+        if not present:
+            return None
+        if len(present) == 1:
+            missing = "dp_noise_multiplier" if present == ["dp_clip_norm"] else "dp_clip_norm"
+            raise ProtocolError(f"distributed DP settings are incomplete: {missing} is missing", field=f"secagg.{missing}")
+        values: list[float] = []
+        for key in ("dp_clip_norm", "dp_noise_multiplier"):
+            raw = config[key]
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                value = math.nan
+            if isinstance(raw, bool) or not (math.isfinite(value) and value > 0):
+                raise ProtocolError(f"must be a positive finite number, got {raw!r}", field=f"secagg.{key}")
+            values.append(value)
+        return values[0], values[1]
+
+    def _check_dp_against_plan(self, dp: tuple[float, float] | None) -> None:
+        site_level = self.site_level
+        if site_level is None or not (site_level.enabled and site_level.mode == "distributed"):
+            return
+        if dp is None:
+            raise ProtocolError(
+                "the approved plan asks for distributed DP but the round carries no DP settings", field="secagg.dp_clip_norm"
+            )
+        clip_norm, noise_multiplier = dp
+        if noise_multiplier < site_level.noise_multiplier:
+            raise ProtocolError(
+                f"the round asks for noise multiplier {noise_multiplier:g}, below the approved plan's "
+                f"{site_level.noise_multiplier:g}",
+                field="secagg.dp_noise_multiplier",
+            )
+        if clip_norm > site_level.clip_norm:
+            raise ProtocolError(
+                f"the round asks for clip norm {clip_norm:g}, above the approved plan's {site_level.clip_norm:g}",
+                field="secagg.dp_clip_norm",
+            )
 
     @staticmethod
     def context_from(config: Mapping[str, Any], *, run_id: str, round_number: int) -> tuple[RoundContext, int, int]:
@@ -252,6 +363,7 @@ class NodeSecureAggregation:
             raise ProtocolError("the secure aggregation index or max_examples is out of range", field="secagg")
         validate_params(params)
         check_headroom(clip=clip, scale=scale, max_nodes=params.num_nodes)
+        NodeSecureAggregation.dp_settings(config)
         return RoundContext(session=session, params=params, clip=clip, scale=scale), index, max_examples
 
     def start(
@@ -259,10 +371,16 @@ class NodeSecureAggregation:
     ) -> dict[str, str]:
         """Keep the round's weighted, clipped update and return this node's public keys.
 
+        With distributed DP settings in ``config`` the kept vector is the
+        update L2-clipped to ``dp_clip_norm`` plus Gaussian noise of standard
+        deviation ``dp_noise_multiplier * dp_clip_norm / sqrt(num_nodes)``
+        (this node's share), with weight ``min(1, clip)`` whatever the example count.
+
         Raises
         ------
         ProtocolError, ConfigError
-            As :meth:`context_from`, or if the update's length is not the announced one.
+            As :meth:`context_from`, or if the update's length is not the
+            announced one, or the DP settings fall short of the approved plan's.
         PolicyViolation
             If fewer sites than the policy's minimum were announced.
         """
@@ -277,10 +395,24 @@ class NodeSecureAggregation:
                 f"the round sums vectors of {context.params.vector_length} values, the model has {update.size} + 1",
                 field="secagg.vector_length",
             )
-        weight = min(num_examples, max_examples) / max_examples
+        dp = self.dp_settings(config)
+        self._check_dp_against_plan(dp)
         values = np.empty(context.params.vector_length, dtype=np.float64)
-        num_clipped = clip_values(update, clip=context.clip, out=values[:-1])
-        values[:-1] *= weight
+        if dp is None:
+            weight = min(num_examples, max_examples) / max_examples
+            num_clipped = clip_values(update, clip=context.clip, out=values[:-1])
+            values[:-1] *= weight
+        else:
+            clip_norm, noise_multiplier = dp
+            shared = values[:-1]
+            shared.fill(0.0)
+            clip_fold(shared, update, clip_norm)
+            share_stddev = noise_multiplier * clip_norm / math.sqrt(context.params.num_nodes)
+            rng = self._noise_rng if self._noise_rng is not None else _os_generator()
+            add_gaussian_noise(shared, stddev=share_stddev, rng=rng)
+            num_clipped = clip_values(shared, clip=context.clip, out=shared)
+            # The same constant for every node: the sum's last word counts the nodes (times it).
+            weight = min(1.0, context.clip)
         values[-1] = weight
         client = SecAggClient(index, context)
         # Only the latest round is kept: a node takes part in one round at a time.

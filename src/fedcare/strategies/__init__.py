@@ -2,22 +2,77 @@
 
 from __future__ import annotations
 
-from fedcare.plan import StrategyConfig
+import numpy as np
+
+from fedcare.errors import ConfigError
+from fedcare.plan import SiteLevelPrivacy, StrategyConfig
 from fedcare.strategies.base import Strategy
+from fedcare.strategies.dp_fedavg import DPFedAvg
 from fedcare.strategies.fedavg import FedAvg
 from fedcare.strategies.kernels import weighted_fold
 
-__all__ = ["FedAvg", "Strategy", "make_strategy", "weighted_fold"]
+__all__ = ["DPFedAvg", "FedAvg", "Strategy", "make_strategy", "weighted_fold"]
 
 
-def make_strategy(config: StrategyConfig) -> Strategy:
-    """Build the strategy a plan names.
+def make_strategy(
+    config: StrategyConfig,
+    *,
+    privacy: SiteLevelPrivacy | None = None,
+    num_sampled: int | None = None,
+    num_nodes: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> Strategy:
+    """Build the strategy a plan names; DP-FedAvg when site-level DP is enabled.
+
+    Parameters
+    ----------
+    config : StrategyConfig
+        ``plan.strategy``.
+    privacy : SiteLevelPrivacy, optional
+        ``plan.privacy.site_level``; when enabled, the result is a
+        :class:`DPFedAvg` with the strategy's server learning rate.
+    num_sampled : int, optional
+        Sites per round (``plan.nodes_per_round`` or all); needed with site-level DP.
+    num_nodes : int, optional
+        Sites in the federation, for the sampling rate ``num_sampled / num_nodes``
+        (default: ``num_sampled``, i.e. rate 1, no amplification claimed).
+    rng : numpy.random.Generator, optional
+        Source of DP-FedAvg's noise; ``None`` (deployments) seeds one from
+        ``os.urandom``. Simulations pass one seeded by the plan, so a study can be repeated.
+
+    Raises
+    ------
+    ConfigError
+        If site-level DP is enabled without ``num_sampled``, or its settings are
+        inconsistent (see :class:`DPFedAvg`).
 
     Examples
     --------
     >>> type(make_strategy(StrategyConfig(name="fedavg"))).__name__
     'FedAvg'
+    >>> dp = make_strategy(StrategyConfig(), privacy=SiteLevelPrivacy(enabled=True), num_sampled=5, num_nodes=20)
+    >>> type(dp).__name__, dp.sample_rate
+    ('DPFedAvg', 0.25)
     """
+    if privacy is not None and privacy.enabled:
+        if num_sampled is None:
+            raise ConfigError("site-level DP needs the number of sites per round", field="plan.nodes_per_round")
+        total = num_nodes if num_nodes is not None else num_sampled
+        return DPFedAvg(
+            noise_multiplier=privacy.noise_multiplier,
+            clip_norm=privacy.clip_norm,
+            num_sampled=num_sampled,
+            adaptive_clipping=privacy.adaptive_clipping,
+            target_quantile=privacy.target_quantile,
+            clip_learning_rate=privacy.clip_learning_rate,
+            clipped_count_stddev=privacy.clipped_count_stddev,
+            server_learning_rate=config.server_learning_rate,
+            distributed=privacy.mode == "distributed",
+            sample_rate=min(1.0, num_sampled / total),
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            rng=rng,
+        )
     if config.name == "fedavg":
         return FedAvg(server_learning_rate=config.server_learning_rate)
     raise AssertionError(f"unhandled strategy {config.name!r}")  # the plan's Literal forbids it

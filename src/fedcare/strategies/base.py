@@ -39,3 +39,14 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def finalize(self) -> Parameters:
         """Return the new global parameters and release the round's buffers."""
+
+    def round_metrics(self) -> dict[str, Any]:
+        """JSON-able facts about the round just finalized, for the round_end event; ``{}`` by default.
+
+        Examples
+        --------
+        >>> from fedcare.strategies.fedavg import FedAvg
+        >>> FedAvg().round_metrics()
+        {}
+        """
+        return {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,12 +34,17 @@ class DataSpec:
         Names of the features, in column order.
     class_names : tuple of str
         Names of the classes, by label index.
+    feature_bounds : tuple of (float, float)
+        Public lower and upper bounds of each feature (from the dataset's
+        documentation or clinical ranges, never from its records); needed to
+        release feature statistics with differential privacy. Empty if unknown.
     """
 
     num_features: int
     num_classes: int
     feature_names: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
+    feature_bounds: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,16 +95,29 @@ class TrainResult:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
-class TrainHook(Protocol):
-    """Changes local training without the task knowing (proximal terms, DP, ...).
+class TrainHook:
+    """Changes local training without the task knowing (proximal terms, DP-SGD, ...).
 
-    A hook sees the model and the loss of each batch and returns the loss to
-    back-propagate.
+    A task calls :meth:`wrap` once before training with its own model,
+    optimizer and data loader and trains with what it gets back,
+    :meth:`on_loss` on the loss of each batch, and :meth:`close` once after
+    training, even when training failed. The base class changes nothing.
     """
+
+    #: True when the hook needs the task to train from a ``torch`` data loader
+    #: (DP-SGD replaces it with a Poisson-sampling one).
+    needs_data_loader: ClassVar[bool] = False
+
+    def wrap(self, model: Any, optimizer: Any, data_loader: Any) -> tuple[Any, Any, Any]:
+        """Return the model, optimizer and data loader to train with (by default, the same)."""
+        return model, optimizer, data_loader
 
     def on_loss(self, model: Any, loss: Any) -> Any:
         """Return the (possibly augmented) loss of one batch."""
-        ...
+        return loss
+
+    def close(self) -> None:
+        """Undo what :meth:`wrap` attached to the model."""
 
 
 class Task(abc.ABC):

@@ -38,7 +38,7 @@ class LogisticTask(TorchClassificationTask):
 
         module = torch.nn.Module()
         module.linear = torch.nn.Linear(spec.num_features, _outputs(spec))
-        module.forward = module.linear.forward
+        module.forward = module.linear.__call__  # through __call__, so hooks on the layer (Opacus) run
         return module
 
 

@@ -11,13 +11,13 @@ import numpy as np
 from fedcare.errors import ProtocolError
 from fedcare.metrics import binary_metrics, multiclass_metrics
 from fedcare.params import Parameters
-from fedcare.plan import Plan
+from fedcare.plan import LocalTraining, Plan
 from fedcare.tasks.base import DataSpec, Split, Task, TrainHook, TrainResult
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchClassificationTask"]
+__all__ = ["TorchClassificationTask", "planned_steps"]
 
 
 class TorchClassificationTask(Task):
@@ -90,11 +90,14 @@ class TorchClassificationTask(Task):
             else torch.nn.functional.cross_entropy
         )
         optimizer = make_optimizer(model, plan)
-        rng = np.random.default_rng(seed)
         batch = min(local.batch_size, n)
-        batches_per_epoch = -(-n // batch)
-        total_steps = local.steps if local.steps is not None else batches_per_epoch * (local.epochs or 1)
+        total_steps = planned_steps(n, local)
         model.train()
+        if any(hook.needs_data_loader for hook in hooks):
+            return _train_from_loader(
+                model, optimizer, x, y, loss_fn, binary=binary, batch=batch, seed=seed, total_steps=total_steps, hooks=hooks
+            )
+        rng = np.random.default_rng(seed)
         steps = 0
         loss_sum = 0.0
         seen = 0
@@ -133,6 +136,73 @@ class TorchClassificationTask(Task):
             probability = torch.sigmoid(output.reshape(-1)).numpy()
             return binary_metrics(data.y, probability)
         return multiclass_metrics(data.y, torch.softmax(output, dim=1).numpy())
+
+
+def planned_steps(num_examples: int, local: LocalTraining) -> int:
+    """Optimizer steps of one round: ``local.steps``, or ``epochs`` passes of ``ceil(n / batch)`` batches.
+
+    Examples
+    --------
+    >>> from fedcare.plan import LocalTraining
+    >>> planned_steps(199, LocalTraining(epochs=2, batch_size=32)), planned_steps(30, LocalTraining(steps=5))
+    (14, 5)
+    """
+    if local.steps is not None:
+        return local.steps
+    batch = min(local.batch_size, num_examples)
+    return -(-num_examples // batch) * (local.epochs or 1)
+
+
+def _train_from_loader(
+    model: Any,
+    optimizer: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Any,
+    *,
+    binary: bool,
+    batch: int,
+    seed: int,
+    total_steps: int,
+    hooks: Sequence[TrainHook],
+) -> TrainResult:
+    """Train from a shuffling ``DataLoader`` that the hooks may replace (DP-SGD's Poisson sampling)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    loader: Any = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=generator)
+    trained, opened = model, []
+    try:
+        for hook in hooks:
+            trained, optimizer, loader = hook.wrap(trained, optimizer, loader)
+            opened.append(hook)
+        steps, loss_sum, seen = 0, 0.0, 0
+        batches = iter(loader)
+        while steps < total_steps:
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            output = trained(xb)
+            if binary:
+                output = output.reshape(-1)
+            # A Poisson batch may be empty: its step still adds noise, from a zero (not NaN) loss.
+            loss = loss_fn(output, yb, reduction="sum") / max(len(yb), 1)
+            for hook in hooks:
+                loss = hook.on_loss(trained, loss)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(yb)
+            seen += len(yb)
+    finally:
+        for hook in reversed(opened):
+            hook.close()
+    return TrainResult(num_examples=len(y), steps=steps, metrics={"train_loss": loss_sum / max(seen, 1)})
 
 
 def model_outputs(model: Any) -> int:
