@@ -14,7 +14,7 @@ section changed only in epsilon, or turned off). FLamby's DP example reports
 0.702 at epsilon 1 and delta 1e-3 with per-site normalization.
 
 ``--search`` chooses the DP recipe (learning rate, batch, epochs, rounds,
-clipping norm, statistics noise) at epsilon 1 on validation splits carved
+clipping norm, the share of epsilon the noisy statistics spend) at epsilon 1 on validation splits carved
 from each hospital's *training* split (20%, stratified, a different carve for
 each seed, as ``heart_hparam_search.py --recarve``); the test split is not
 read while choosing.
@@ -58,7 +58,7 @@ SEARCH_GRID: dict[str, tuple[Any, ...]] = {
     "epochs": (1,),
     "rounds": (5, 10),
     "max_grad_norm": (1.0,),
-    "feature_stats_noise_multiplier": (4.0, 8.0),
+    "feature_stats_epsilon_share": (0.25, 0.5),
 }
 
 
@@ -108,6 +108,7 @@ def table(seeds: int) -> dict[str, Any]:
             accuracies.append(accuracy)
             spent.append(max(epsilon_spent.values(), default=0.0))
         summary = summarize(accuracies)
+        print(f"... epsilon {epsilon}: {summary['mean']:.3f} ± {summary['sd']:.3f}", flush=True)
         cases.append({"epsilon": epsilon, "delta": DELTA if epsilon else None, "accuracy": summary,
                       "max_epsilon_spent": max(spent), "wall_s": time.perf_counter() - started})  # fmt: skip
         rows.append([

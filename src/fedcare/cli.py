@@ -85,22 +85,33 @@ def _summary(result: Any) -> dict[str, Any]:
     }
 
 
-def _site_table(title: str, sites: dict[str, dict[str, float]], examples: dict[str, int], rows: dict[str, dict[str, float]]) -> Table:
+def _site_table(
+    title: str,
+    sites: dict[str, dict[str, float]],
+    examples: dict[str, int],
+    rows: dict[str, dict[str, float]],
+    *,
+    epsilon: dict[str, float] | None = None,
+) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("site", no_wrap=True)
     table.add_column("n test", justify="right")
     for name in _SHOWN_METRICS:
         table.add_column(_HEADERS[name], justify="right")
+    if epsilon:
+        table.add_column("ε spent", justify="right")
 
     def cells(metrics: dict[str, float]) -> list[str]:
         values = [metrics.get(name, math.nan) for name in _SHOWN_METRICS]
         return ["–" if v is None or math.isnan(v) else f"{v:.3f}" for v in values]
 
-    for site, metrics in sites.items():
-        table.add_row(site, str(examples.get(site, "")), *cells(metrics))
+    spent = [f"{epsilon[site]:.3f}" if site in epsilon else "–" for site in sites] if epsilon else [None] * len(sites)
+    for (site, metrics), site_epsilon in zip(sites.items(), spent, strict=True):
+        table.add_row(site, str(examples.get(site, "")), *cells(metrics), *([site_epsilon] if epsilon else []))
     table.add_section()
     for label, metrics in rows.items():
-        table.add_row(label, str(sum(examples.values())) if label.startswith("pooled") else "", *cells(metrics), style="bold")
+        pooled = str(sum(examples.values())) if label.startswith("pooled") else ""
+        table.add_row(label, pooled, *cells(metrics), *([""] if epsilon else []), style="bold")
     return table
 
 
@@ -284,6 +295,7 @@ def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> No
                 summary["sites"],
                 summary["examples"],
                 {"mean of sites": summary["mean"], "pooled (by n)": summary["pooled"]},
+                epsilon=summary.get("epsilon_spent") or None,
             )
         )
     for failure in summary["failures"]:
@@ -294,9 +306,9 @@ def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> No
         _console.print(f"secure aggregation: {secure}; left the sites: {privacy.get('data_leaving_sites')}", highlight=False)
         record_level = (privacy.get("differential_privacy") or {}).get("record_level")
         if record_level:
-            spent = ", ".join(f"{site} {eps:.3f}" for site, eps in (summary.get("epsilon_spent") or {}).items())
             _console.print(
-                f"record-level DP (DP-SGD), epsilon spent per site at delta {record_level['delta']:g}: {spent or 'none'}",
+                f"record-level DP (DP-SGD) at every site: ε spent per site in the table, at δ = {record_level['delta']:g} "
+                f"(planned ε {record_level['planned_epsilon']:g})",
                 highlight=False,
             )
     _console.print(f"run directory: {summary['run_dir']}  ({summary['wall_s']:.1f} s)")

@@ -176,10 +176,13 @@ class RecordLevelPrivacy(_Section):
         ``epsilon`` when not set.
     accountant : {"pld", "prv", "rdp"}
         dp-accounting PLD (default), Opacus PRV or Opacus RDP (looser).
-    feature_stats_noise_multiplier : float
+    feature_stats_epsilon_share : float
         With federated normalization, each site releases its counts, sums and
-        sums of squares with Gaussian noise of this multiplier (features
-        clipped to the dataset's public bounds); the release counts in the budget.
+        sums of squares with Gaussian noise (features clipped to the dataset's
+        public bounds), and the release counts in the budget: its noise
+        multiplier is the one that spends this share of ``epsilon`` alone.
+    feature_stats_noise_multiplier : float, optional
+        Fixes the statistics' noise multiplier instead.
     """
 
     enabled: bool = False
@@ -188,7 +191,8 @@ class RecordLevelPrivacy(_Section):
     max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     accountant: Accountant = "pld"
-    feature_stats_noise_multiplier: float = Field(default=8.0, gt=0, allow_inf_nan=False)
+    feature_stats_epsilon_share: float = Field(default=0.25, gt=0, lt=1)
+    feature_stats_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class SiteLevelPrivacy(_Section):

@@ -32,9 +32,10 @@ class FeatureStats:
     count: float
     sum: np.ndarray
     sum_of_squares: np.ndarray
-    #: Public lower bounds of the standard deviation (released with differential privacy, the
-    #: variance estimate is noisy; the coordinator never goes below these).
-    scale_floor: np.ndarray | None = None
+    #: The public ``(low, high)`` bounds of each feature, ``(d, 2)``, sent with noisy statistics
+    #: (differential privacy): the coordinator keeps the mean within them and the standard
+    #: deviation between a sixteenth and a half of the range, however large the noise.
+    bounds: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def private_feature_stats(
         count=count,
         sum=middle * count + width * sum_u,
         sum_of_squares=middle**2 * count + 2 * middle * width * sum_u + width**2 * squares_u,
-        scale_floor=width * _SCALE_FLOOR,
+        bounds=np.stack([low, high], axis=1),
     )
 
 
@@ -191,19 +192,25 @@ def combine_feature_stats(stats: Sequence[FeatureStats]) -> Standardization:
     count = sum(s.count for s in stats)
     total = np.sum([s.sum for s in stats], axis=0)
     squares = np.sum([s.sum_of_squares for s in stats], axis=0)
-    floors = [s.scale_floor for s in stats if s.scale_floor is not None]
-    return _from_moments(count, total, squares, floor=np.max(floors, axis=0) if floors else None)
+    bounds = next((s.bounds for s in stats if s.bounds is not None), None)
+    if bounds is not None:
+        # Noisy statistics: the noise may even make the count negative; the public bounds keep
+        # the standardization sane however large it is.
+        count = max(count, 1.0)
+    return _from_moments(count, total, squares, bounds=bounds)
 
 
 def _from_moments(
-    count: float, total: np.ndarray, squares: np.ndarray, *, floor: np.ndarray | None = None
+    count: float, total: np.ndarray, squares: np.ndarray, *, bounds: np.ndarray | None = None
 ) -> Standardization:
     if count <= 0:
         raise ProtocolError("feature statistics cover no rows")
     mean = total / count
     variance = np.maximum(squares / count - mean**2, 0.0)
     scale = np.sqrt(variance)
-    if floor is not None:
-        np.maximum(scale, floor, out=scale)
+    if bounds is not None:
+        low, high = bounds[:, 0], bounds[:, 1]
+        np.clip(mean, low, high, out=mean)
+        np.clip(scale, (high - low) * _SCALE_FLOOR, (high - low) / 2, out=scale)
     scale[scale < 1e-12] = 1.0
     return Standardization(mean=mean, scale=scale)

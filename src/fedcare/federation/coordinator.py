@@ -306,14 +306,14 @@ class Coordinator:
         stats: list[FeatureStats] = []
         for answer in self._exchange(jobs, result):
             try:
-                floor = answer.statistics.get("scale_floor")
+                low, high = answer.statistics.get("bounds_low"), answer.statistics.get("bounds_high")
                 stats.append(
                     FeatureStats(
                         # With differential privacy the count is noisy and travels as a statistic.
                         count=float(answer.statistics.get("count", (answer.num_examples,))[0]),
                         sum=np.asarray(answer.statistics["sum"], dtype=np.float64),
                         sum_of_squares=np.asarray(answer.statistics["sum_of_squares"], dtype=np.float64),
-                        scale_floor=None if floor is None else np.asarray(floor, dtype=np.float64),
+                        bounds=None if low is None or high is None else np.stack([low, high], axis=1).astype(np.float64),
                     )
                 )
             except KeyError:
@@ -515,9 +515,10 @@ class Coordinator:
                 "delta": record_level.delta,
                 "max_grad_norm": record_level.max_grad_norm,
                 "accountant": record_level.accountant,
-                "feature_stats_noise_multiplier": record_level.feature_stats_noise_multiplier
-                if self.plan.dataset.normalization == "federated"
+                "feature_stats_epsilon_share": record_level.feature_stats_epsilon_share
+                if self.plan.dataset.normalization == "federated" and record_level.feature_stats_noise_multiplier is None
                 else None,
+                "feature_stats_noise_multiplier": record_level.feature_stats_noise_multiplier,
                 "epsilon_spent": dict(sorted(result.epsilon_spent.items())),
             }
         }

@@ -110,10 +110,21 @@ class NodePrivacy:
         return self.plan.dataset.normalization == "federated"
 
     def stats_mechanism(self) -> Mechanism:
-        """The Gaussian mechanism of the feature statistics release."""
-        return Mechanism(
-            noise_multiplier=self.settings.feature_stats_noise_multiplier, sample_rate=1.0, steps=1, label="feature-stats"
+        """The Gaussian mechanism of the feature statistics release.
+
+        Its noise multiplier is the plan's, or the one with which the release
+        alone spends ``feature_stats_epsilon_share`` of the run's epsilon.
+        """
+        settings = self.settings
+        noise_multiplier = settings.feature_stats_noise_multiplier or _derived_noise_multiplier(
+            epsilon=settings.feature_stats_epsilon_share * settings.epsilon,
+            delta=settings.delta,
+            sample_rate=1.0,
+            steps=1,
+            accountant=settings.accountant,
+            prior=(),
         )
+        return Mechanism(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1, label="feature-stats")
 
     def noise_multiplier(self) -> float:
         """The run's DP-SGD noise multiplier (derived once, then kept).

@@ -217,14 +217,15 @@ class Node:
     def _feature_stats(self, job: Job) -> JobResult:
         if self._privacy is not None:
             private, _ = self._privacy.feature_stats(self._data.train.x, run_id=job.run_id, node_id=self.node_id)
-            assert private.scale_floor is not None
+            assert private.bounds is not None
             return self._answer(
                 job,
                 statistics={
                     "count": (private.count,),
                     "sum": tuple(private.sum.tolist()),
                     "sum_of_squares": tuple(private.sum_of_squares.tolist()),
-                    "scale_floor": tuple(private.scale_floor.tolist()),
+                    "bounds_low": tuple(private.bounds[:, 0].tolist()),
+                    "bounds_high": tuple(private.bounds[:, 1].tolist()),
                 },
                 metrics=dict(self._privacy.summary()),
             )

@@ -690,7 +690,7 @@ def _prepared_sites(
     privacy = card.get("privacy") if isinstance(card, dict) else None
     dp = privacy.get("differential_privacy") if isinstance(privacy, dict) else None
     record_level = dp.get("record_level") if isinstance(dp, dict) else None
-    if isinstance(record_level, dict) and record_level.get("feature_stats_noise_multiplier") is not None:
+    if isinstance(record_level, dict):  # record-level DP released the statistics with noise
         logger.warning("normalization recomputed without the run's noise; features only approximate the run's")
         return normalize_sites(selected, mode=mode), "recomputed-without-noise"
     logged = [e for e in events if e.get("event") == "normalization"]
