@@ -317,8 +317,6 @@ def test_distributed_site_level_dp_over_secure_aggregation_noises_by_the_expecte
     from fedcare.messages import JobKind
     from fedcare.transport.inproc import InProcTransport
 
-    seeds = itertools.count(100)
-    monkeypatch.setattr(secure_aggregation, "_os_generator", lambda: np.random.default_rng(next(seeds)))
     seen: list[Any] = []
     original = InProcTransport.results
 
@@ -330,13 +328,14 @@ def test_distributed_site_level_dp_over_secure_aggregation_noises_by_the_expecte
     monkeypatch.setattr(InProcTransport, "results", recording)
     common: dict[str, Any] = {"rounds": 1, "secure": True, "mode": "distributed", "clip_norm": 0.05}
     events: list[dict[str, Any]] = []
-    quiet = _simulate(_heart_plan(noise_multiplier=1e-6, **common))
-    seen_quiet = len(seen)
-    noisy_plan = _heart_plan(noise_multiplier=2.0, **common)
-    differences = [
-        _simulate(noisy_plan, events).parameters.flatten().astype(np.float64) - quiet.parameters.flatten()
-        for _ in range(8)
-    ]
+    seen_quiet = 0
+    differences = []
+    # Simulated noise shares are seeded by the plan's seed: each seed gives independent draws.
+    for seed in range(8):
+        quiet = _simulate(_heart_plan(noise_multiplier=1e-6, **common).model_copy(update={"seed": seed}))
+        seen_quiet = seen_quiet or len(seen)
+        noisy = _simulate(_heart_plan(noise_multiplier=2.0, **common).model_copy(update={"seed": seed}), events)
+        differences.append(noisy.parameters.flatten().astype(np.float64) - quiet.parameters.flatten())
 
     # Four sites, all in the sum: noise z C on the sum, z C / 4 on the average, per coordinate
     # (8 runs x 14 parameters = 112 draws: the sample stddev is within 20 % with probability > 0.99).
