@@ -28,6 +28,8 @@ bench: install
 	$(PY) benchmarks/sim_overhead.py
 	$(PY) benchmarks/flamby_heart.py
 	$(PY) benchmarks/deploy_overhead.py
+	$(PY) benchmarks/secagg.py
+	$(PY) benchmarks/dp_heart.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

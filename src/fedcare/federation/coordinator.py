@@ -657,7 +657,15 @@ class Coordinator:
                     if plan.secure_aggregation.enabled
                     else "model updates, metrics, example counts"
                 )
-                + (", per-feature sums and sums of squares" if plan.dataset.normalization == "federated" else ""),
+                + (
+                    (
+                        ", per-feature counts, sums and sums of squares with DP noise, epsilon spent"
+                        if plan.privacy.record_level.enabled
+                        else ", per-feature sums and sums of squares"
+                    )
+                    if plan.dataset.normalization == "federated"
+                    else ""
+                ),
             },
             "parameters": {name: list(shape) for name, shape in result.parameters.spec},
         }
