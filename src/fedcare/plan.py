@@ -100,11 +100,43 @@ class LocalTraining(_Section):
         return self
 
 
-class StrategyConfig(_Section):
-    """How the coordinator combines site updates."""
+#: Strategies that must see every update on its own (they cannot run under secure aggregation).
+_NEEDS_ALL_UPDATES = frozenset({"median", "trimmed-mean", "krum", "geometric-median"})
 
-    name: Literal["fedavg"] = "fedavg"
+
+class StrategyConfig(_Section):
+    """How the coordinator combines site updates.
+
+    Attributes
+    ----------
+    name : {"fedavg", "median", "trimmed-mean", "krum", "geometric-median", "norm-bounding"}
+        ``fedavg``: example-weighted mean. The robust rules (see
+        ``docs/robust-aggregation.md``): ``median`` (coordinate-wise),
+        ``trimmed-mean``, ``krum`` (Multi-Krum), ``geometric-median`` (RFA) are
+        unweighted, keep every update of a round (memory O(model x sites)) and
+        cannot run under secure aggregation; ``norm-bounding`` clips each
+        update's L2 norm to ``max_norm`` and then averages like FedAvg, streaming.
+    server_learning_rate : float
+        Step size applied to the aggregated update.
+    trim_fraction : float
+        ``trimmed-mean``: share of the updates dropped at each end of every coordinate.
+    byzantine_nodes : int
+        ``krum``: the number of attacking sites to tolerate (needs sites per round > 2 f + 2).
+    krum_selected : int, optional
+        ``krum``: how many of the best-scored updates are averaged; default sites - f.
+    max_norm : float
+        ``norm-bounding``: the L2 bound of one update.
+    geometric_median_iterations : int
+        ``geometric-median``: at most this many Weiszfeld steps per round.
+    """
+
+    name: Literal["fedavg", "median", "trimmed-mean", "krum", "geometric-median", "norm-bounding"] = "fedavg"
     server_learning_rate: float = Field(default=1.0, gt=0)
+    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    byzantine_nodes: int = Field(default=1, ge=0)
+    krum_selected: int | None = Field(default=None, ge=1)
+    max_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    geometric_median_iterations: int = Field(default=100, ge=1)
 
 
 class SecureAggregationConfig(_Section):
@@ -322,6 +354,21 @@ class Plan(_Section):
                     "{message} (for {sites} sites per round)",
                     {"message": exc.message, "sites": sites, "loc": f"secure_aggregation.{location}"},
                 ) from None
+        if secure.enabled and self.strategy.name in _NEEDS_ALL_UPDATES:
+            raise PydanticCustomError(
+                "strategy_needs_all_updates",
+                "{name} needs every update on its own, which secure aggregation hides; use fedavg or turn "
+                "secure aggregation off",
+                {"name": self.strategy.name, "loc": "strategy.name"},
+            )
+        if secure.enabled and self.strategy.name == "norm-bounding":
+            raise PydanticCustomError(
+                "strategy_clips_each_update",
+                "norm-bounding clips each update at the coordinator, which secure aggregation hides (it would clip "
+                "the sum); use fedavg, whose secure_aggregation.clip bounds each coordinate at the sites, or turn "
+                "secure aggregation off",
+                {"loc": "strategy.name"},
+            )
         site_level = self.privacy.site_level
         if site_level.enabled and site_level.mode == "distributed" and not secure.enabled:
             raise PydanticCustomError(

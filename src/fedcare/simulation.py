@@ -19,6 +19,7 @@ from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.params import Parameters
 from fedcare.plan import EPSILON_WARNING, Plan, PrivacyWarning
+from fedcare.simulation_attacks import Attack, attacked_runner
 from fedcare.strategies import make_strategy
 from fedcare.tasks.base import DataSpec, Task
 from fedcare.tasks.registry import TaskRegistry
@@ -109,6 +110,21 @@ def _check_site_level_privacy(plan: Plan, *, num_nodes: int) -> None:
         )
 
 
+def _check_attacks(plan: Plan, attacks: Mapping[str, Attack], *, sites: list[str]) -> None:
+    """Refuse research attacks on sites that do not take part, or on updates secure aggregation keeps at the site."""
+    unknown = sorted(set(attacks) - set(sites))
+    if unknown:
+        raise ConfigError(
+            f"names {', '.join(unknown)}, which are not sites of this run (sites: {', '.join(sites)})", field="attacks"
+        )
+    if plan.secure_aggregation.enabled and any(attack.poisons_updates for attack in attacks.values()):
+        raise ConfigError(
+            "a simulated attack on updates cannot run under secure aggregation, where the update never leaves the "
+            "site; turn secure aggregation off or use a data attack such as LabelFlip",
+            field="attacks",
+        )
+
+
 def _ledger_root(
     plan: Plan, run_dir: RunDirectory | None, ledger_dir: str | Path | None, stack: contextlib.ExitStack
 ) -> Path | None:
@@ -132,6 +148,7 @@ def simulate(
     resume: bool = False,
     policies: Mapping[str, NodePolicy] | None = None,
     ledger_dir: str | Path | None = None,
+    attacks: Mapping[str, Attack] | None = None,
 ) -> RunResult:
     """Run the plan with every site of its dataset as an in-process node.
 
@@ -157,6 +174,10 @@ def simulate(
         With record-level DP, where each site keeps its privacy ledger
         (``ledger_dir/SITE/``), so budgets carry over between simulated runs.
         Default: ``out_dir/ledgers``, or a temporary directory without ``out_dir``.
+    attacks : mapping of str to Attack, optional
+        **Research only**: sites that misbehave, by site name (see
+        :mod:`fedcare.simulation_attacks`), to study robust aggregation. Never
+        available outside simulation.
 
     Returns
     -------
@@ -165,7 +186,9 @@ def simulate(
     Raises
     ------
     ConfigError
-        If the plan names an unknown task, dataset or node.
+        If the plan names an unknown task, dataset or node, ``attacks`` names a
+        site that does not take part, or an attack that rewrites updates is asked
+        for under secure aggregation (the update never leaves the site).
     FederationError
         If a round ends with fewer than ``plan.min_nodes`` nodes.
 
@@ -186,20 +209,24 @@ def simulate(
     sites = dataset.load_sites(plan.dataset)
     if plan.nodes is not None:
         sites = {name: sites[name] for name in plan.nodes}
+    attacks = dict(attacks or {})
+    _check_attacks(plan, attacks, sites=list(sites))
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
     with contextlib.ExitStack() as stack, InProcTransport(max_concurrency=max_concurrency) as transport:
         ledgers = _ledger_root(plan, run_dir, ledger_dir, stack)
         for site, data in sites.items():
+            attack = attacks.get(site)
             node = Node(
                 site,
                 task=registry.get(plan.task),
-                data=data,
+                data=data if attack is None else attack.poison_data(data),
                 plan=plan,
                 policy=(policies or {}).get(site),
                 ledger_dir=None if ledgers is None else ledgers / site,
                 secure_noise=False,  # a simulated study can be repeated; deployments draw noise from the OS
             )
-            transport.add_node(site, node.serve)
+            runner = node.serve if attack is None else attacked_runner(node.serve, attack, node_id=site)
+            transport.add_node(site, runner)
         coordinator = Coordinator(
             plan,
             strategy=make_strategy(

@@ -33,6 +33,7 @@ from fedcare.transport.proto import fedcare_pb2 as pb
 from .conftest import (
     FEDCARE,
     SITES,
+    Launched,
     ProcessGroup,
     RefusingCoordinator,
     child_env,
@@ -186,6 +187,18 @@ def test_coordinator_refuses_valid_node_the_plan_does_not_name(
 KILL_TEST_ROUNDS = 300
 
 
+def kill_after_first_round(coordinator: Launched, run_dir: Path, victim: Launched) -> None:
+    """Wait for round 1 to end, then SIGKILL ``victim``."""
+
+    def round_ended() -> bool:
+        assert coordinator.running(), coordinator.stderr()[-3000:]
+        return any(e["event"] == "round_end" and e["round"] >= 1 for e in read_events(run_dir))
+
+    wait_for(round_ended, timeout_s=90, what="round 1 to end")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout_s=10)
+
+
 def test_node_killed_mid_round_is_left_out_and_rejoins_after_restart(tmp_path: Path, processes: ProcessGroup) -> None:
     layout = deploy(tmp_path, rounds=KILL_TEST_ROUNDS, min_nodes=2, evaluation={"every_rounds": KILL_TEST_ROUNDS})
     coordinator = processes.serve("coordinator", layout)
@@ -194,13 +207,7 @@ def test_node_killed_mid_round_is_left_out_and_rejoins_after_restart(tmp_path: P
              for site, config in layout.node_configs.items()}
     victim = "hungary"
 
-    def round_ended() -> bool:
-        assert coordinator.running(), coordinator.stderr()[-3000:]
-        return any(e["event"] == "round_end" and e["round"] >= 1 for e in read_events(layout.run_dir))
-
-    wait_for(round_ended, timeout_s=90, what="round 1 to end")
-    os.kill(nodes[victim].pid, signal.SIGKILL)
-    nodes[victim].wait(timeout_s=10)
+    kill_after_first_round(coordinator, layout.run_dir, nodes[victim])
 
     def victim_left_out() -> tuple[int, ...]:
         """(index of the first event that leaves the victim out,) or () before there is one."""
@@ -319,13 +326,7 @@ def test_privacy_ledger_survives_sigkill_between_rounds_and_never_goes_down(tmp_
     victim = "hungary"
     ledger_path = layout.node_configs[victim].parent / f"{victim}-privacy-ledger" / "heart-disease.ledger.json"
 
-    def round_ended() -> bool:
-        assert coordinator.running(), coordinator.stderr()[-3000:]
-        return any(e["event"] == "round_end" and e["round"] >= 1 for e in read_events(layout.run_dir))
-
-    wait_for(round_ended, timeout_s=90, what="round 1 to end")
-    os.kill(nodes[victim].pid, signal.SIGKILL)
-    nodes[victim].wait(timeout_s=10)
+    kill_after_first_round(coordinator, layout.run_dir, nodes[victim])
     before = json.loads(ledger_path.read_text())["entries"]
     assert [e["label"] for e in before[:2]] == ["feature-stats", "dp-sgd"]
 

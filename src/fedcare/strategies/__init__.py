@@ -10,8 +10,20 @@ from fedcare.strategies.base import Strategy
 from fedcare.strategies.dp_fedavg import DPFedAvg
 from fedcare.strategies.fedavg import FedAvg
 from fedcare.strategies.kernels import weighted_fold
+from fedcare.strategies.robust import CoordinateMedian, GeometricMedian, MultiKrum, NormBounding, TrimmedMean
 
-__all__ = ["DPFedAvg", "FedAvg", "Strategy", "make_strategy", "weighted_fold"]
+__all__ = [
+    "CoordinateMedian",
+    "DPFedAvg",
+    "FedAvg",
+    "GeometricMedian",
+    "MultiKrum",
+    "NormBounding",
+    "Strategy",
+    "TrimmedMean",
+    "make_strategy",
+    "weighted_fold",
+]
 
 
 def make_strategy(
@@ -23,6 +35,11 @@ def make_strategy(
     rng: np.random.Generator | None = None,
 ) -> Strategy:
     """Build the strategy a plan names; DP-FedAvg when site-level DP is enabled.
+
+    ``plan.strategy.name`` maps to ``fedavg`` :class:`FedAvg`, ``median``
+    :class:`CoordinateMedian`, ``trimmed-mean`` :class:`TrimmedMean`, ``krum``
+    :class:`MultiKrum`, ``geometric-median`` :class:`GeometricMedian` and
+    ``norm-bounding`` :class:`NormBounding`.
 
     Parameters
     ----------
@@ -44,17 +61,26 @@ def make_strategy(
     ------
     ConfigError
         If site-level DP is enabled without ``num_sampled``, or its settings are
-        inconsistent (see :class:`DPFedAvg`).
+        inconsistent (see :class:`DPFedAvg`), or site-level DP is asked for
+        together with a robust rule.
 
     Examples
     --------
     >>> type(make_strategy(StrategyConfig(name="fedavg"))).__name__
     'FedAvg'
+    >>> type(make_strategy(StrategyConfig(name="krum", byzantine_nodes=2))).__name__
+    'MultiKrum'
     >>> dp = make_strategy(StrategyConfig(), privacy=SiteLevelPrivacy(enabled=True), num_sampled=5, num_nodes=20)
     >>> type(dp).__name__, dp.sample_rate
     ('DPFedAvg', 0.25)
     """
     if privacy is not None and privacy.enabled:
+        if config.name != "fedavg":
+            raise ConfigError(
+                f"site-level DP runs DP-FedAvg and cannot be combined with {config.name!r}; "
+                "use name: fedavg or turn site-level DP off",
+                field="plan.strategy.name",
+            )
         if num_sampled is None:
             raise ConfigError("site-level DP needs the number of sites per round", field="plan.nodes_per_round")
         total = num_nodes if num_nodes is not None else num_sampled
@@ -75,4 +101,17 @@ def make_strategy(
         )
     if config.name == "fedavg":
         return FedAvg(server_learning_rate=config.server_learning_rate)
+    rate = config.server_learning_rate
+    if config.name == "median":
+        return CoordinateMedian(server_learning_rate=rate)
+    if config.name == "trimmed-mean":
+        return TrimmedMean(trim_fraction=config.trim_fraction, server_learning_rate=rate)
+    if config.name == "krum":
+        return MultiKrum(
+            num_byzantine=config.byzantine_nodes, num_selected=config.krum_selected, server_learning_rate=rate
+        )
+    if config.name == "geometric-median":
+        return GeometricMedian(max_iterations=config.geometric_median_iterations, server_learning_rate=rate)
+    if config.name == "norm-bounding":
+        return NormBounding(max_norm=config.max_norm, server_learning_rate=rate)
     raise AssertionError(f"unhandled strategy {config.name!r}")  # the plan's Literal forbids it

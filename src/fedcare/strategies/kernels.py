@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["add_gaussian_noise", "clip_fold", "l2_norm", "weighted_fold"]
+__all__ = [
+    "add_gaussian_noise",
+    "clip_fold",
+    "coordinate_median",
+    "krum_scores",
+    "l2_norm",
+    "trimmed_mean",
+    "weighted_fold",
+    "weiszfeld",
+]
 
 _CHUNK = 1 << 18  # 256 Ki elements: temporaries stay in cache, memory stays O(1)
 
@@ -149,3 +158,202 @@ def add_gaussian_noise(out: np.ndarray, *, stddev: float, rng: np.random.Generat
         rng.standard_normal(out=part)
         part *= stddev
         np.add(out[start:stop], part, out=out[start:stop])
+
+
+def _check_stack(updates: np.ndarray, out: np.ndarray | None = None) -> None:
+    if updates.ndim != 2 or updates.shape[0] == 0:
+        raise ValueError(f"updates must be a non-empty (nodes, elements) array, got shape {updates.shape}")
+    if out is not None and out.shape != updates.shape[1:]:
+        raise ValueError(f"out has shape {out.shape}, updates have {updates.shape[1]} elements")
+
+
+def coordinate_median(updates: np.ndarray, out: np.ndarray) -> None:
+    """``out[j] = median_i updates[i, j]``, coordinate by coordinate (Yin et al. 2018).
+
+    With an even number of rows the median is the mean of the two middle values.
+
+    Parameters
+    ----------
+    updates : numpy.ndarray
+        ``(nodes, elements)`` array, one update per row; read only.
+    out : numpy.ndarray
+        ``(elements,)`` float64 array, overwritten.
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not fit or there is no update.
+
+    Examples
+    --------
+    >>> out = np.empty(2)
+    >>> coordinate_median(np.array([[1.0, 10.0], [2.0, -5.0], [100.0, 0.0]]), out)
+    >>> out.tolist()
+    [2.0, 0.0]
+    """
+    _check_stack(updates, out)
+    for start in range(0, out.size, _CHUNK):
+        stop = min(start + _CHUNK, out.size)
+        # a float64 copy of the chunk, so the mean of two middle values is exact and the input is never reordered
+        chunk = updates[:, start:stop].astype(np.float64)
+        np.median(chunk, axis=0, overwrite_input=True, out=out[start:stop])
+
+
+def trimmed_mean(updates: np.ndarray, trim: int, out: np.ndarray) -> None:
+    """Coordinate-wise mean after dropping the ``trim`` largest and ``trim`` smallest values.
+
+    Parameters
+    ----------
+    updates : numpy.ndarray
+        ``(nodes, elements)`` array, one update per row; read only.
+    trim : int
+        Values dropped at each end of every coordinate (``0 <= 2 * trim < nodes``).
+    out : numpy.ndarray
+        ``(elements,)`` float64 array, overwritten.
+
+    Raises
+    ------
+    ValueError
+        If ``trim`` is negative or ``2 * trim >= nodes``, or the shapes do not fit.
+
+    Examples
+    --------
+    >>> out = np.empty(2)
+    >>> trimmed_mean(np.array([[1.0, 4.0], [2.0, -50.0], [3.0, 5.0], [100.0, 6.0]]), 1, out)
+    >>> out.tolist()
+    [2.5, 4.5]
+    """
+    _check_stack(updates, out)
+    count = updates.shape[0]
+    if trim < 0 or 2 * trim >= count:
+        raise ValueError(f"trim must satisfy 0 <= 2 * trim < {count} updates, got trim={trim}")
+    for start in range(0, out.size, _CHUNK):
+        stop = min(start + _CHUNK, out.size)
+        ordered = np.sort(updates[:, start:stop], axis=0)  # a sorted copy; the input stays as it is
+        np.mean(ordered[trim : count - trim], axis=0, dtype=np.float64, out=out[start:stop])
+
+
+def krum_scores(updates: np.ndarray, num_byzantine: int) -> np.ndarray:
+    """Krum score of every update: sum of squared L2 distances to its ``n - f - 2`` nearest others.
+
+    Blanchard et al. (2017). Distances are computed row against row in
+    float64 (no Gram-matrix cancellation), so memory is O(elements) beyond the input.
+
+    Parameters
+    ----------
+    updates : numpy.ndarray
+        ``(n, elements)`` array, one update per row; read only.
+    num_byzantine : int
+        ``f``, the number of updates that may be adversarial; needs ``n > 2 * f + 2``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` float64 scores (squared units of ``updates``); lower is more central.
+
+    Raises
+    ------
+    ValueError
+        If ``num_byzantine`` is negative or ``n <= 2 * f + 2``.
+
+    Examples
+    --------
+    >>> scores = krum_scores(np.array([[0.0], [1.0], [2.0], [3.0], [50.0]]), 1)
+    >>> scores.tolist()
+    [5.0, 2.0, 2.0, 5.0, 4513.0]
+    """
+    _check_stack(updates)
+    count = updates.shape[0]
+    if num_byzantine < 0 or count <= 2 * num_byzantine + 2:
+        raise ValueError(f"Krum needs more than 2 * f + 2 updates, got {count} with f={num_byzantine}")
+    distances = np.zeros((count, count), dtype=np.float64)
+    row = np.empty(updates.shape[1], dtype=np.float64)
+    for i in range(count):
+        for j in range(i + 1, count):
+            np.subtract(updates[i], updates[j], out=row, dtype=np.float64)
+            distances[i, j] = distances[j, i] = float(np.dot(row, row))
+    neighbours = count - num_byzantine - 2
+    scores = np.empty(count, dtype=np.float64)
+    for i in range(count):
+        others = np.delete(distances[i], i)
+        scores[i] = float(np.sum(np.partition(others, neighbours - 1)[:neighbours])) if neighbours > 0 else 0.0
+    return scores
+
+
+def weiszfeld(
+    updates: np.ndarray,
+    out: np.ndarray,
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-6,
+    smoothing: float = 1e-6,
+) -> int:
+    """Smoothed Weiszfeld iterations towards the geometric median of the rows (Pillutla et al. 2022, RFA).
+
+    Starting from the mean, each step is ``v <- sum(b_i x_i) / sum(b_i)`` with
+    ``b_i = 1 / max(smoothing, ||v - x_i||)``; it stops when the objective
+    ``sum_i ||v - x_i||`` improves by less than ``tolerance`` times itself, or
+    after ``max_iterations`` steps. Rows are equally weighted.
+
+    Parameters
+    ----------
+    updates : numpy.ndarray
+        ``(nodes, elements)`` array, one update per row; read only.
+    out : numpy.ndarray
+        ``(elements,)`` float64 array, overwritten with the estimate.
+    max_iterations : int
+        At most this many Weiszfeld steps (>= 1).
+    tolerance : float
+        Relative improvement of the objective below which it stops (> 0).
+    smoothing : float
+        ``nu``: distances below it count as ``nu`` (> 0), so a step never divides by zero.
+
+    Returns
+    -------
+    int
+        The number of steps taken.
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not fit or a setting is out of range.
+
+    Examples
+    --------
+    >>> out = np.empty(2)
+    >>> points = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1000.0, 1000.0]])
+    >>> steps = weiszfeld(points, out, max_iterations=500, tolerance=1e-12)
+    >>> bool(np.all(np.abs(out - 0.5) < 0.5)), steps > 1
+    (True, True)
+    """
+    _check_stack(updates, out)
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
+    if not (np.isfinite(tolerance) and tolerance > 0) or not (np.isfinite(smoothing) and smoothing > 0):
+        raise ValueError(f"tolerance and smoothing must be positive and finite, got {tolerance} and {smoothing}")
+    count = updates.shape[0]
+    np.mean(updates, axis=0, dtype=np.float64, out=out)
+    row = np.empty(out.size, dtype=np.float64)
+
+    def distances() -> np.ndarray:
+        result = np.empty(count, dtype=np.float64)
+        for i in range(count):
+            np.subtract(out, updates[i], out=row, dtype=np.float64)
+            result[i] = float(np.sqrt(np.dot(row, row)))
+        return result
+
+    current = distances()
+    objective = float(current.sum())
+    steps = 0
+    while steps < max_iterations:
+        steps += 1
+        betas = 1.0 / np.maximum(current, smoothing)
+        out.fill(0.0)
+        for i in range(count):
+            weighted_fold(out, updates[i], float(betas[i]))
+        out /= float(betas.sum())
+        current = distances()
+        previous, objective = objective, float(current.sum())
+        if abs(previous - objective) <= tolerance * objective:
+            break
+    return steps

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -195,10 +194,7 @@ def _train_from_loader(
             loss = loss_fn(output, yb, reduction="sum") / max(len(yb), 1)
             for hook in hooks:
                 loss = hook.on_loss(trained, loss)
-            with warnings.catch_warnings():
-                # Per-example gradient hooks (Opacus) fire on outputs only: the inputs need no gradient.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-                loss.backward()
+            loss.backward()
             optimizer.step()
             steps += 1
             loss_sum += float(loss.detach()) * len(yb)

@@ -20,6 +20,15 @@ from fedcare.tasks.base import TrainHook
 
 __all__ = ["DPSGD", "round_mechanism"]
 
+# Opacus's per-example gradient hooks fire on layer outputs only: the inputs never need a
+# gradient, which torch reports on every backward pass. Benign; this one message is silenced
+# (a filter, not ``catch_warnings``, which is not thread-safe and simulated sites train in threads).
+warnings.filterwarnings(
+    "ignore",
+    message="Full backward hook is firing when gradients are computed with respect to module outputs",
+    category=UserWarning,
+)
+
 
 def round_mechanism(num_examples: int, local: LocalTraining, *, noise_multiplier: float) -> Mechanism:
     """The DP-SGD mechanism one round of ``local`` training on ``num_examples`` records runs.
