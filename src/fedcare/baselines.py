@@ -159,6 +159,7 @@ def run_baseline(
         pooled_train = Split(
             x=np.concatenate([data.train.x for data in prepared.values()]),
             y=np.concatenate([data.train.y for data in prepared.values()]),
+            time=_pooled_time([data.train for data in prepared.values()]),
         )
         model = _train_rounds(task, start, pooled_train, plan, spec=spec, index=0, node_id=None)
         trained = task.get_parameters(model).freeze()
@@ -240,6 +241,12 @@ def normalize_sites(
     raise ConfigError(
         f"must be 'federated', 'per-site' or 'none', got {mode!r}", field="plan.dataset.normalization"
     )
+
+
+def _pooled_time(splits: list[Split]) -> np.ndarray | None:
+    """The splits' survival times end to end, or ``None`` unless every split has them."""
+    times = [split.time for split in splits]
+    return None if any(t is None for t in times) else np.concatenate([t for t in times if t is not None])
 
 
 def _select_sites(sites: dict[str, SiteData], plan: Plan) -> dict[str, SiteData]:

@@ -41,7 +41,11 @@ _EXIT_CODES: list[tuple[type[FedcareError], int]] = [
 ]
 
 _SHOWN_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
-_HEADERS = {"accuracy": "acc", "balanced_accuracy": "bal acc", "roc_auc": "AUC", "sensitivity": "sens", "specificity": "spec"}
+_SURVIVAL_METRICS = ("c_index",)  # shown instead when the task reports a C-index (tabular-cox)
+_HEADERS = {
+    "accuracy": "acc", "balanced_accuracy": "bal acc", "roc_auc": "AUC", "sensitivity": "sens", "specificity": "spec",
+    "c_index": "C-index",
+}  # fmt: skip
 
 
 @contextmanager
@@ -96,13 +100,15 @@ def _site_table(
     table = Table(title=title, title_justify="left")
     table.add_column("site", no_wrap=True)
     table.add_column("n test", justify="right")
-    for name in _SHOWN_METRICS:
+    survival = any("c_index" in metrics for metrics in (*sites.values(), *rows.values()))
+    shown = _SURVIVAL_METRICS if survival else _SHOWN_METRICS
+    for name in shown:
         table.add_column(_HEADERS[name], justify="right")
     if epsilon:
         table.add_column("ε spent", justify="right")
 
     def cells(metrics: dict[str, float]) -> list[str]:
-        values = [metrics.get(name, math.nan) for name in _SHOWN_METRICS]
+        values = [metrics.get(name, math.nan) for name in shown]
         return ["–" if v is None or math.isnan(v) else f"{v:.3f}" for v in values]
 
     spent = [f"{epsilon[site]:.3f}" if site in epsilon else "–" for site in sites] if epsilon else [None] * len(sites)
@@ -141,8 +147,11 @@ def _with_event_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], No
                 progress.update(bar, completed=event["first_round"] - 1)
             elif kind == "evaluation":
                 accuracy = event["mean"].get("accuracy")
+                c_index = event["mean"].get("c_index")
                 if accuracy is not None and not math.isnan(accuracy):
                     progress.update(bar, status=f"mean site accuracy {accuracy:.3f}")
+                elif c_index is not None and not math.isnan(c_index):
+                    progress.update(bar, status=f"mean site C-index {c_index:.3f}")
             elif kind in ("node_failed", "node_late"):
                 progress.console.print(
                     f"[yellow]round {event['round']}: node {event['node_id']} "

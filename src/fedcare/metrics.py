@@ -1,4 +1,4 @@
-"""Clinical classification metrics and their aggregation across sites.
+"""Clinical classification and survival metrics, and their aggregation across sites.
 
 The metric functions are small numpy kernels, checked against scikit-learn in
 the test suite. They are written here rather than imported so that a site's
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["aggregate_site_metrics", "binary_metrics", "multiclass_metrics", "roc_auc"]
+__all__ = ["aggregate_site_metrics", "binary_metrics", "concordance_index", "multiclass_metrics", "roc_auc"]
 
 _EPS = 1e-7
 
@@ -135,6 +135,63 @@ def multiclass_metrics(y_true: np.ndarray, probability: np.ndarray) -> dict[str,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan,
         "log_loss": -float(np.mean(np.log(p[np.arange(y.size), y]))) if y.size else math.nan,
     }
+
+
+def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's concordance index of risk scores against censored survival times.
+
+    A pair of patients ``(i, j)`` is comparable when ``i`` had the event and
+    ``j`` was still at risk after it: ``time[i] < time[j]``, or equal times
+    with ``j`` censored (a patient censored at ``t`` outlived an event at
+    ``t``; two events at the same time are not comparable). The index is the
+    share of comparable pairs with ``risk[i] > risk[j]``, a tie in risk
+    counting one half. This is the convention of ``lifelines.utils.concordance_index``
+    (called with ``-risk``), which FLamby reports. Cost: O(events x n) time,
+    O(n) memory.
+
+    Parameters
+    ----------
+    time : numpy.ndarray
+        ``(n,)`` follow-up times (any unit), to the event or to censoring.
+    event : numpy.ndarray
+        ``(n,)`` 1 where the event was observed, 0 where censored.
+    risk : numpy.ndarray
+        ``(n,)`` predicted risk; higher means an earlier event is expected.
+
+    Returns
+    -------
+    float
+        In [0, 1] (0.5 for random scores), or NaN when no pair is comparable.
+
+    Raises
+    ------
+    ValueError
+        If the three arrays do not have the same length.
+
+    Examples
+    --------
+    >>> time = np.array([1.0, 2.0, 3.0, 4.0])
+    >>> event = np.array([1, 1, 0, 1])
+    >>> concordance_index(time, event, np.array([4.0, 3.0, 2.0, 1.0]))
+    1.0
+    >>> concordance_index(time, event, np.array([4.0, 1.0, 2.0, 1.0]))
+    0.7
+    """
+    t = np.asarray(time, dtype=np.float64).reshape(-1)
+    e = np.asarray(event).reshape(-1).astype(bool)
+    r = np.asarray(risk, dtype=np.float64).reshape(-1)
+    if not t.shape == e.shape == r.shape:
+        raise ValueError(
+            f"time, event and risk must have the same length, got {t.size}, {e.size} and {r.size}"
+        )
+    concordant = 0.0
+    pairs = 0
+    for i in np.flatnonzero(e):
+        at_risk = (t > t[i]) | ((t == t[i]) & ~e)
+        others = r[at_risk]
+        pairs += others.size
+        concordant += float(np.count_nonzero(r[i] > others)) + 0.5 * float(np.count_nonzero(r[i] == others))
+    return concordant / pairs if pairs else math.nan
 
 
 def aggregate_site_metrics(

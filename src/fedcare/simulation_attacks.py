@@ -188,7 +188,7 @@ class LabelFlip(Attack):
 
     def poison_data(self, data: SiteData) -> SiteData:
         flipped = (data.spec.num_classes - 1 - data.train.y).astype(data.train.y.dtype)
-        return dataclasses.replace(data, train=Split(data.train.x, flipped))
+        return dataclasses.replace(data, train=Split(data.train.x, flipped, time=data.train.time))
 
 
 class _AttackedChannel(NodeChannel):

@@ -1,6 +1,6 @@
 """Site data: bundled datasets, partitioners and feature normalization."""
 
-from fedcare.data.catalog import BreastCancer, BundledDataset, DatasetCatalog, DatasetInfo, HeartDisease
+from fedcare.data.catalog import BreastCancer, BundledDataset, DatasetCatalog, DatasetInfo, HeartDisease, TcgaBrca
 from fedcare.data.normalization import (
     FeatureStats,
     Standardization,
@@ -17,6 +17,7 @@ __all__ = [
     "FeatureStats",
     "HeartDisease",
     "Standardization",
+    "TcgaBrca",
     "combine_feature_stats",
     "dirichlet_partition",
     "feature_stats",

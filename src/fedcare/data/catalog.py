@@ -22,7 +22,7 @@ from fedcare.tasks.base import DataSpec, SiteData, Split
 
 from fedcare.data.splits import dirichlet_partition, iid_partition, stratified_split
 
-__all__ = ["BreastCancer", "BundledDataset", "DatasetCatalog", "DatasetInfo", "HeartDisease"]
+__all__ = ["BreastCancer", "BundledDataset", "DatasetCatalog", "DatasetInfo", "HeartDisease", "TcgaBrca"]
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def _carve_validation(data: SiteData, fraction: float) -> SiteData:
         order = rng.permutation(len(y))
         n_val = max(1, int(round(len(y) * fraction)))
         train_index, val_index = np.sort(order[n_val:]), np.sort(order[:n_val])
-    train = Split(x=data.train.x[train_index], y=y[train_index])
-    validation = Split(x=data.train.x[val_index], y=y[val_index])
+    train = data.train.take(train_index)
+    validation = data.train.take(val_index)
     return SiteData(site=data.site, spec=data.spec, train=train, test=validation)
 
 
@@ -190,6 +190,96 @@ class HeartDisease(BundledDataset):
         return x, y
 
 
+class TcgaBrca(BundledDataset):
+    """TCGA-BRCA clinical data for survival analysis, with FLamby's Fed-TCGA-BRCA sites and split.
+
+    1,088 breast-cancer patients from six regions (FLamby's centers 0-5:
+    northeast, south, west, midwest, europe, canada), each with FLamby's own
+    train/test split (``train_test_split.csv``): 248/63, 156/40, 164/42,
+    129/33, 129/33, 40/11. Features are FLamby's 39 preprocessed clinical
+    columns (age at diagnosis in years, the rest one-hot 0/1), as float32.
+    The label ``y`` is the event indicator (1 = death, 0 = censored) and
+    ``time`` the follow-up in days. The 8 rows of ``brca.csv`` that FLamby's
+    split does not list are not used.
+
+    Examples
+    --------
+    >>> from fedcare.plan import DatasetConfig
+    >>> sites = TcgaBrca().load_sites(DatasetConfig(name="tcga-brca"))
+    >>> [(len(d.train), len(d.test)) for d in sites.values()]
+    [(248, 63), (156, 40), (164, 42), (129, 33), (129, 33), (40, 11)]
+    """
+
+    info = DatasetInfo(
+        name="tcga-brca",
+        description="TCGA-BRCA breast cancer survival (event: death, time in days); 39 features; FLamby split",
+        sites="northeast, south, west, midwest, europe, canada (natural, by tissue source site)",
+        patients=1088,
+        licence="NCI GDC data-use terms (not CC); FLamby code MIT",
+        source="The Cancer Genome Atlas via NCI GDC (Liu et al. 2018), as used by owkin/FLamby",
+    )
+    SITES = ("northeast", "south", "west", "midwest", "europe", "canada")  # FLamby center index 0..5
+    _FILES = {
+        "brca.csv": "07cb53423f7d579d33cfdbf2cba57b2aee75318b85866c68ce39a75b1f1ba020",
+        "centers.csv": "d610df2dae0203ea229c9579747ed3eb8d28e137c5378f55acc6fe6b4632bb1d",
+        "train_test_split.csv": "1249c6543a4060ff0fdaf8510fc37017755836db6c9fc5e6af96057c36510990",
+    }
+    _NUM_FEATURES = 39
+    #: Public bounds: age at diagnosis in years, 18 (TCGA enrols adults) to 90 (the GDC records
+    #: every older age as 90); the other 38 features are one-hot indicators in [0, 1].
+    BOUNDS = ((18.0, 90.0),) + ((0.0, 1.0),) * 38
+
+    def spec(self, config: DatasetConfig) -> DataSpec:
+        header = next(csv.reader(self._read("brca.csv").decode("ascii").splitlines()))
+        return DataSpec(
+            num_features=self._NUM_FEATURES,
+            num_classes=2,
+            feature_names=tuple(header[1 : 1 + self._NUM_FEATURES]),
+            class_names=("censored", "death"),
+            feature_bounds=self.BOUNDS,
+        )
+
+    def site_names(self, config: DatasetConfig) -> tuple[str, ...]:
+        return self.SITES
+
+    def _load_all(self, config: DatasetConfig) -> dict[str, SiteData]:
+        spec = self.spec(config)
+        reader = csv.reader(self._read("brca.csv").decode("ascii").splitlines())
+        header = next(reader)
+        if len(header) != self._NUM_FEATURES + 3 or header[0] != "pid" or header[-2:] != ["E", "T"]:
+            raise DataError(f"brca.csv has {len(header)} columns, expected pid, 39 features, E, T")
+        rows = {row[0]: row[1:] for row in reader}
+        fold: dict[str, tuple[str, int]] = {}
+        for pid, _, fold2 in list(csv.reader(self._read("train_test_split.csv").decode("ascii").splitlines()))[1:]:
+            part, _, index = fold2.partition("_")
+            fold[pid] = (part, int(index))
+        members: dict[tuple[str, int], list[list[str]]] = {}
+        for pid, values in rows.items():  # brca.csv order
+            if pid in fold:
+                members.setdefault(fold[pid], []).append(values)
+        if sum(len(v) for v in members.values()) != len(fold):
+            raise DataError("train_test_split.csv names patients that brca.csv does not hold; reinstall fedcare")
+        sites = {}
+        for center, site in enumerate(self.SITES):
+            train, test = (self._split(members.get((part, center), [])) for part in ("train", "test"))
+            sites[site] = SiteData(site=site, spec=spec, train=train, test=test)
+        return sites
+
+    def _split(self, rows: list[list[str]]) -> Split:
+        table = np.asarray(rows, dtype=np.float64).reshape(len(rows), self._NUM_FEATURES + 2)
+        return Split(
+            x=table[:, : self._NUM_FEATURES].astype(np.float32),
+            y=table[:, self._NUM_FEATURES].astype(np.int64),
+            time=table[:, self._NUM_FEATURES + 1].copy(),
+        )
+
+    def _read(self, filename: str) -> bytes:
+        raw = _bundled_path("tcga_brca", filename).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != self._FILES[filename]:
+            raise DataError(f"bundled file {filename} does not match its recorded SHA-256; reinstall fedcare")
+        return raw
+
+
 class BreastCancer(BundledDataset):
     """Wisconsin Diagnostic Breast Cancer (scikit-learn's copy), split into ``num_nodes`` sites.
 
@@ -270,11 +360,11 @@ class DatasetCatalog:
     --------
     >>> catalog = DatasetCatalog.bundled()
     >>> catalog.names()
-    ['breast-cancer', 'heart-disease']
+    ['breast-cancer', 'heart-disease', 'tcga-brca']
     >>> catalog.get("mnist")
     Traceback (most recent call last):
     ...
-    fedcare.errors.ConfigError: plan.dataset.name: unknown dataset 'mnist'; available: breast-cancer, heart-disease
+    fedcare.errors.ConfigError: plan.dataset.name: unknown dataset 'mnist'; available: breast-cancer, heart-disease, tcga-brca
     """
 
     def __init__(self, datasets: list[BundledDataset]) -> None:
@@ -283,7 +373,7 @@ class DatasetCatalog:
     @classmethod
     def bundled(cls) -> DatasetCatalog:
         """The datasets that ship with fedcare."""
-        return cls([HeartDisease(), BreastCancer()])
+        return cls([HeartDisease(), BreastCancer(), TcgaBrca()])
 
     def names(self) -> list[str]:
         """Dataset names, sorted."""

@@ -46,9 +46,9 @@ class Standardization:
     scale: np.ndarray
 
     def apply(self, split: Split) -> Split:
-        """Return a standardized copy of ``split`` (the input is not changed)."""
+        """Return a standardized copy of ``split`` (the input is not changed; ``time`` is kept)."""
         x = (split.x - self.mean) / self.scale
-        return Split(x=x.astype(np.float32, copy=False), y=split.y)
+        return Split(x=x.astype(np.float32, copy=False), y=split.y, time=split.time)
 
     def apply_site(self, data: SiteData) -> SiteData:
         """Standardize both splits of a site."""

@@ -56,11 +56,36 @@ class Split:
     x : numpy.ndarray
         ``(n, num_features)`` float32 features.
     y : numpy.ndarray
-        ``(n,)`` int64 labels.
+        ``(n,)`` int64 labels; for survival data the event indicator
+        (1 = event observed, 0 = censored).
+    time : numpy.ndarray or None
+        ``(n,)`` float64 follow-up times in days for survival data (time to
+        the event, or to censoring); ``None`` for classification data.
+
+    Examples
+    --------
+    >>> split = Split(x=np.zeros((2, 1), np.float32), y=np.array([1, 0]), time=np.array([30.0, 90.0]))
+    >>> len(split), split.time.tolist()
+    (2, [30.0, 90.0])
     """
 
     x: np.ndarray
     y: np.ndarray
+    time: np.ndarray | None = None
+
+    def take(self, index: np.ndarray) -> Split:
+        """The rows ``index`` of every array (``time`` included), as a new split.
+
+        Examples
+        --------
+        >>> split = Split(x=np.arange(3, dtype=np.float32)[:, None], y=np.array([0, 1, 1]),
+        ...               time=np.array([5.0, 6.0, 7.0]))
+        >>> split.take(np.array([2, 0])).time.tolist()
+        [7.0, 5.0]
+        """
+        return Split(
+            x=self.x[index], y=self.y[index], time=None if self.time is None else self.time[index]
+        )
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
