@@ -281,3 +281,12 @@ def test_cli_table_shows_the_c_index_for_survival_runs() -> None:
 
     table = _site_table("t", {"a": {"c_index": 0.8, "loss": 1.0}}, {"a": 10}, {"mean of sites": {"c_index": 0.8}})
     assert [column.header for column in table.columns] == ["site", "n test", "C-index"]
+
+
+def test_example_plan_is_the_benchmarked_cox_plan() -> None:
+    from pathlib import Path
+
+    from fedcare.plan import load_plan
+
+    example = load_plan(Path(__file__).resolve().parents[1] / "examples" / "tcga_brca.yaml")
+    assert example.model_copy(update={"min_nodes": 1}) == cox_plan()
