@@ -109,15 +109,24 @@ class StrategyConfig(_Section):
 
     Attributes
     ----------
-    name : {"fedavg", "median", "trimmed-mean", "krum", "geometric-median", "norm-bounding"}
+    name : {"fedavg", "median", "trimmed-mean", "krum", "geometric-median", "norm-bounding", \
+"fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"}
         ``fedavg``: example-weighted mean. The robust rules (see
         ``docs/robust-aggregation.md``): ``median`` (coordinate-wise),
         ``trimmed-mean``, ``krum`` (Multi-Krum), ``geometric-median`` (RFA) are
         unweighted, keep every update of a round (memory O(model x sites)) and
         cannot run under secure aggregation; ``norm-bounding`` clips each
         update's L2 norm to ``max_norm`` and then averages like FedAvg, streaming.
+        For heterogeneous sites (see ``docs/strategies.md``): ``fedprox``
+        (FedAvg with a proximal term ``proximal_mu / 2 ||w - w_global||^2`` in
+        the sites' loss), ``fedadam``, ``fedyogi`` and ``fedadagrad`` (FedOpt:
+        an adaptive server optimizer over the averaged update) and ``scaffold``
+        (control variates; models up to 40,000 values, not with secure
+        aggregation). ``fedprox`` and ``scaffold`` change the sites' loss and
+        cannot be combined with record-level DP.
     server_learning_rate : float
-        Step size applied to the aggregated update.
+        Step size applied to the aggregated update (FedOpt: the server
+        optimizer's learning rate, typically 0.01 to 1).
     trim_fraction : float
         ``trimmed-mean``: share of the updates dropped at each end of every coordinate.
     byzantine_nodes : int
@@ -128,15 +137,39 @@ class StrategyConfig(_Section):
         ``norm-bounding``: the L2 bound of one update.
     geometric_median_iterations : int
         ``geometric-median``: at most this many Weiszfeld steps per round.
+    proximal_mu : float
+        ``fedprox``: weight of the proximal term (>= 0; 0 is FedAvg).
+    beta1 : float
+        FedOpt: decay of the server's first moment (momentum), in [0, 1).
+    beta2 : float
+        ``fedadam``, ``fedyogi``: decay of the server's second moment, in [0, 1).
+    tau : float
+        FedOpt: adaptivity (> 0), added to the root of the second moment.
     """
 
-    name: Literal["fedavg", "median", "trimmed-mean", "krum", "geometric-median", "norm-bounding"] = "fedavg"
+    name: Literal[
+        "fedavg",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "geometric-median",
+        "norm-bounding",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "scaffold",
+    ] = "fedavg"
     server_learning_rate: float = Field(default=1.0, gt=0)
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
     byzantine_nodes: int = Field(default=1, ge=0)
     krum_selected: int | None = Field(default=None, ge=1)
     max_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     geometric_median_iterations: int = Field(default=100, ge=1)
+    proximal_mu: float = Field(default=0.01, ge=0, allow_inf_nan=False)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
 
 
 class SecureAggregationConfig(_Section):
@@ -359,6 +392,20 @@ class Plan(_Section):
                 "strategy_needs_all_updates",
                 "{name} needs every update on its own, which secure aggregation hides; use fedavg or turn "
                 "secure aggregation off",
+                {"name": self.strategy.name, "loc": "strategy.name"},
+            )
+        if secure.enabled and self.strategy.name == "scaffold":
+            raise PydanticCustomError(
+                "strategy_needs_side_data",
+                "scaffold needs each site's control-variate change next to its update, which secure aggregation "
+                "does not carry; use fedprox or fedavg with secure aggregation, or turn secure aggregation off",
+                {"loc": "strategy.name"},
+            )
+        if self.privacy.record_level.enabled and self.strategy.name in ("fedprox", "scaffold"):
+            raise PydanticCustomError(
+                "strategy_changes_local_loss",
+                "{name} adds a term to the sites' loss that DP-SGD's per-example gradients do not see; use fedavg "
+                "or a FedOpt rule with record-level DP, or turn record-level DP off",
                 {"name": self.strategy.name, "loc": "strategy.name"},
             )
         if secure.enabled and self.strategy.name == "norm-bounding":

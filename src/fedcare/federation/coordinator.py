@@ -237,6 +237,7 @@ class Coordinator:
                     self._normalization = Standardization.from_config(
                         state["normalization"], num_features=len(state["normalization"]["mean"])
                     )
+                self.strategy.load_state_dict(self.run_dir.load_strategy_state(round=done))
                 result.parameters = parameters.freeze()
                 result.rounds_completed = done
                 first_round = done + 1
@@ -262,7 +263,12 @@ class Coordinator:
                 saved: dict[str, Any] = {"run_id": self._run_id}
                 if self._normalization is not None:
                     saved["normalization"] = self._normalization.to_config()
-                self.run_dir.save_checkpoint(round=round_number, parameters=result.parameters, state=saved)
+                self.run_dir.save_checkpoint(
+                    round=round_number,
+                    parameters=result.parameters,
+                    state=saved,
+                    strategy_state=self.strategy.state_dict(),
+                )
             if round_number % plan.evaluation.every_rounds == 0 or round_number == plan.rounds:
                 result.evaluations.append(self._evaluate(round_number, nodes, result))
 
@@ -371,6 +377,7 @@ class Coordinator:
         for answer in answers:
             try:
                 update = self._check_update(answer, global_parameters)
+                self.strategy.receive_data(answer.data, node_id=answer.node_id)
                 self.strategy.accumulate(update, weight=answer.num_examples, node_id=answer.node_id)
             except ProtocolError as exc:
                 self._record_failure(result, answer, exc.message)

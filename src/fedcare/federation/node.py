@@ -12,13 +12,16 @@ import numpy as np
 
 from fedcare.data.normalization import Standardization, feature_stats
 from fedcare.errors import ConfigError, FedcareError, ProtocolError
+from fedcare.federation.control_variates import NodeControlVariate
 from fedcare.federation.differential_privacy import NodePrivacy
 from fedcare.federation.policy import NodePolicy
 from fedcare.federation.secure_aggregation import NodeSecureAggregation, masked_parameters
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.params import Parameters
 from fedcare.plan import Plan, plan_hash
+from fedcare.strategies.scaffold import CONTROL_DELTA_KEY, CONTROL_KEY
 from fedcare.tasks.base import SiteData, Task, TrainHook
+from fedcare.tasks.hooks import ProximalTerm
 from fedcare.transport.base import NodeChannel
 
 __all__ = ["Node"]
@@ -105,6 +108,7 @@ class Node:
         self._plan_hash = plan_hash(plan)
         self._model: Any = None
         self._prepared: tuple[Any, SiteData] | None = None
+        self._control = NodeControlVariate()  # SCAFFOLD's c_i: in memory only, 0 after a restart
 
     # -- serving ---------------------------------------------------------------
 
@@ -164,6 +168,14 @@ class Node:
             hook, mechanism = self._privacy.training_hook(run_id=job.run_id, round_number=job.round, seed=seed)
             hooks.append(hook)
         model = self._model_with(job.parameters)
+        # The strategy's own training terms; both capture the global weights now, before training.
+        for key, name in (("proximal_mu", "fedprox"), (CONTROL_KEY, "scaffold")):
+            if key in job.config and self.plan.strategy.name != name:
+                raise ProtocolError(f"the job asks for {name} training, but the approved plan names another strategy")
+        if "proximal_mu" in job.config:
+            hooks.append(ProximalTerm(model, mu=float(job.config["proximal_mu"])))
+        if CONTROL_KEY in job.config:
+            hooks.append(self._control.training_hook(model, job.config[CONTROL_KEY], job.parameters))
         data = self._prepare(job.config)
         outcome = self.task.train(model, data.train, self.plan, seed=seed, hooks=hooks)
         privacy_metrics: dict[str, float] = {}
@@ -183,6 +195,11 @@ class Node:
             finite = bool(np.isfinite(np.add.reduce(delta)))
         if not (finite or np.isfinite(np.add.reduce(delta, dtype=np.float64))):
             raise ProtocolError("local training produced non-finite weights (NaN or Inf); lower the learning rate")
+        side: dict[str, Any] = {}
+        if CONTROL_KEY in job.config:
+            side[CONTROL_DELTA_KEY] = self._control.finish(
+                delta, steps=outcome.steps, learning_rate=self.plan.local.learning_rate
+            )
         if secure is not None:
             # The update stays here; only public keys leave now, and later the masked sum's share.
             keys = self._secure.start(
@@ -194,6 +211,7 @@ class Node:
             update=Parameters.from_flat(delta, new.spec),
             num_examples=outcome.num_examples,
             metrics={**outcome.metrics, "steps": float(outcome.steps), **privacy_metrics},
+            data=side,
         )
 
     def _evaluate(self, job: Job) -> JobResult:

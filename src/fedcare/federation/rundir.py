@@ -21,7 +21,10 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from fedcare.errors import DataError
 from fedcare.params import Parameters
@@ -85,6 +88,10 @@ class RunDirectory:
         return self.path / "checkpoints" / "latest.safetensors"
 
     @property
+    def strategy_state_path(self) -> Path:
+        return self.path / "checkpoints" / "strategy.safetensors"
+
+    @property
     def model_path(self) -> Path:
         return self.path / "model.safetensors"
 
@@ -112,8 +119,29 @@ class RunDirectory:
         with self.metrics_path.open(encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
 
-    def save_checkpoint(self, *, round: int, parameters: Parameters, state: dict[str, Any]) -> None:  # noqa: A002
-        """Replace the checkpoint with the state after ``round``."""
+    def save_checkpoint(
+        self,
+        *,
+        round: int,  # noqa: A002
+        parameters: Parameters,
+        state: dict[str, Any],
+        strategy_state: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Replace the checkpoint with the state after ``round``.
+
+        ``strategy_state`` (the strategy's own float64 buffers, e.g. FedOpt's
+        moments) goes to its own safetensors file, written first and stamped
+        with ``round``, so :meth:`load_strategy_state` can tell a stale one.
+        """
+        if strategy_state:
+            from safetensors.numpy import save
+
+            _atomic_write(
+                self.strategy_state_path,
+                save({name: np.ascontiguousarray(v) for name, v in strategy_state.items()}, metadata={"round": str(round)}),
+            )
+        else:
+            self.strategy_state_path.unlink(missing_ok=True)  # a stale one from an earlier run must not be resumed
         _atomic_write(self.checkpoint_path, parameters.to_bytes())
         meta = {"round": round, **state}
         _atomic_write(self.checkpoint_path.with_suffix(".json"), json.dumps(_jsonable(meta)).encode())
@@ -135,6 +163,33 @@ class RunDirectory:
         except (OSError, ValueError) as exc:
             raise DataError(f"checkpoint in {self.path.name} cannot be read: {exc}") from exc
         return int(meta.pop("round")), parameters, meta
+
+    def load_strategy_state(self, *, round: int) -> dict[str, np.ndarray]:  # noqa: A002
+        """The strategy's buffers saved with the checkpoint of ``round``; ``{}`` if it saved none.
+
+        Raises
+        ------
+        DataError
+            If the file cannot be read or belongs to another round.
+        """
+        path = self.strategy_state_path
+        if not path.exists():
+            return {}
+        from safetensors import safe_open
+
+        try:
+            # safetensors never unpickles; the header is checked before any array is read.
+            with safe_open(str(path), framework="numpy") as reader:
+                saved_round = (reader.metadata() or {}).get("round")
+                arrays = {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own error types
+            raise DataError(f"strategy state in {self.path.name} cannot be read: {exc}") from exc
+        if saved_round != str(round):
+            raise DataError(
+                f"strategy state in {self.path.name} is from round {saved_round}, the checkpoint from round {round}; "
+                "delete the run directory's checkpoints to start again"
+            )
+        return arrays
 
     def save_model(self, parameters: Parameters, card: dict[str, Any]) -> None:
         """Write the final model and its model card."""

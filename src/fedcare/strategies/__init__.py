@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Literal
+
 import numpy as np
 
 from fedcare.errors import ConfigError
@@ -9,21 +13,31 @@ from fedcare.plan import SiteLevelPrivacy, StrategyConfig
 from fedcare.strategies.base import Strategy
 from fedcare.strategies.dp_fedavg import DPFedAvg
 from fedcare.strategies.fedavg import FedAvg
+from fedcare.strategies.fedopt import FedOpt
+from fedcare.strategies.fedprox import FedProx
 from fedcare.strategies.kernels import weighted_fold
 from fedcare.strategies.robust import CoordinateMedian, GeometricMedian, MultiKrum, NormBounding, TrimmedMean
+from fedcare.strategies.scaffold import Scaffold
 
 __all__ = [
     "CoordinateMedian",
     "DPFedAvg",
     "FedAvg",
+    "FedOpt",
+    "FedProx",
     "GeometricMedian",
     "MultiKrum",
     "NormBounding",
+    "Scaffold",
     "Strategy",
     "TrimmedMean",
     "make_strategy",
     "weighted_fold",
 ]
+
+_FEDOPT_RULES: Mapping[str, Literal["adam", "yogi", "adagrad"]] = MappingProxyType(
+    {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+)
 
 
 def make_strategy(
@@ -38,8 +52,10 @@ def make_strategy(
 
     ``plan.strategy.name`` maps to ``fedavg`` :class:`FedAvg`, ``median``
     :class:`CoordinateMedian`, ``trimmed-mean`` :class:`TrimmedMean`, ``krum``
-    :class:`MultiKrum`, ``geometric-median`` :class:`GeometricMedian` and
-    ``norm-bounding`` :class:`NormBounding`.
+    :class:`MultiKrum`, ``geometric-median`` :class:`GeometricMedian`,
+    ``norm-bounding`` :class:`NormBounding`, ``fedprox`` :class:`FedProx`,
+    ``fedadam``, ``fedyogi`` and ``fedadagrad`` :class:`FedOpt` and
+    ``scaffold`` :class:`Scaffold` (with ``num_nodes`` as its ``N``).
 
     Parameters
     ----------
@@ -70,6 +86,8 @@ def make_strategy(
     'FedAvg'
     >>> type(make_strategy(StrategyConfig(name="krum", byzantine_nodes=2))).__name__
     'MultiKrum'
+    >>> type(make_strategy(StrategyConfig(name="fedyogi"))).__name__
+    'FedOpt'
     >>> dp = make_strategy(StrategyConfig(), privacy=SiteLevelPrivacy(enabled=True), num_sampled=5, num_nodes=20)
     >>> type(dp).__name__, dp.sample_rate
     ('DPFedAvg', 0.25)
@@ -114,4 +132,16 @@ def make_strategy(
         return GeometricMedian(max_iterations=config.geometric_median_iterations, server_learning_rate=rate)
     if config.name == "norm-bounding":
         return NormBounding(max_norm=config.max_norm, server_learning_rate=rate)
+    if config.name == "fedprox":
+        return FedProx(proximal_mu=config.proximal_mu, server_learning_rate=rate)
+    if config.name in _FEDOPT_RULES:
+        return FedOpt(
+            rule=_FEDOPT_RULES[config.name],
+            server_learning_rate=rate,
+            beta1=config.beta1,
+            beta2=config.beta2,
+            tau=config.tau,
+        )
+    if config.name == "scaffold":
+        return Scaffold(num_nodes=num_nodes if num_nodes is not None else num_sampled, server_learning_rate=rate)
     raise AssertionError(f"unhandled strategy {config.name!r}")  # the plan's Literal forbids it

@@ -6,6 +6,9 @@ import abc
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
+
+from fedcare.errors import DataError
 from fedcare.params import Parameters
 
 __all__ = ["Strategy"]
@@ -32,6 +35,21 @@ class Strategy(abc.ABC):
     def begin_round(self, round: int, global_parameters: Parameters) -> None:  # noqa: A002
         """Start aggregating a round whose jobs carried ``global_parameters``."""
 
+    def receive_data(self, data: Mapping[str, Any], *, node_id: str) -> None:
+        """Take a training result's JSON ``data`` before its update is accumulated; ignored by default.
+
+        The coordinator calls this just before :meth:`accumulate` for the same
+        node. A strategy that needs side information from the sites (SCAFFOLD's
+        control-variate change) checks it here and raises ``ProtocolError`` to
+        refuse the whole answer.
+
+        Examples
+        --------
+        >>> from fedcare.strategies.fedavg import FedAvg
+        >>> FedAvg().receive_data({"anything": 1}, node_id="a") is None
+        True
+        """
+
     @abc.abstractmethod
     def accumulate(self, update: Parameters, *, weight: float, node_id: str) -> None:
         """Fold one node's update (new - global) in, as soon as it arrives."""
@@ -39,6 +57,36 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def finalize(self) -> Parameters:
         """Return the new global parameters and release the round's buffers."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Buffers kept across rounds (float64 arrays) to save with the checkpoint; ``{}`` by default.
+
+        Examples
+        --------
+        >>> from fedcare.strategies.fedavg import FedAvg
+        >>> FedAvg().state_dict()
+        {}
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned, on resume; by default only ``{}`` is accepted.
+
+        Raises
+        ------
+        DataError
+            If ``state`` holds buffers this strategy does not keep.
+
+        Examples
+        --------
+        >>> from fedcare.strategies.fedavg import FedAvg
+        >>> FedAvg().load_state_dict({})
+        """
+        if state:
+            raise DataError(
+                f"the checkpoint holds strategy state ({', '.join(sorted(state))}) that "
+                f"{type(self).__name__} does not keep; resume with the strategy the run was started with"
+            )
 
     def round_metrics(self) -> dict[str, Any]:
         """JSON-able facts about the round just finalized, for the round_end event; ``{}`` by default.

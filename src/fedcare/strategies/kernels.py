@@ -6,6 +6,7 @@ import numpy as np
 
 __all__ = [
     "add_gaussian_noise",
+    "adaptive_server_step",
     "clip_fold",
     "coordinate_median",
     "krum_scores",
@@ -357,3 +358,96 @@ def weiszfeld(
         if abs(previous - objective) <= tolerance * objective:
             break
     return steps
+
+
+def adaptive_server_step(
+    weights: np.ndarray,
+    first_moment: np.ndarray,
+    second_moment: np.ndarray,
+    delta: np.ndarray,
+    *,
+    rule: str,
+    learning_rate: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> None:
+    """One FedOpt server step (Reddi et al. 2021, Algorithm 2), in place on the three buffers.
+
+    ``m = b1 m + (1 - b1) d``; then ``v += d**2`` (``adagrad``),
+    ``v -= (1 - b2) d**2 sign(v - d**2)`` (``yogi``) or
+    ``v = b2 v + (1 - b2) d**2`` (``adam``); then
+    ``x += learning_rate * m / (sqrt(v) + tau)``. No bias correction, as in the paper.
+    Works in float64 chunks, so no model-sized temporary is made.
+
+    Parameters
+    ----------
+    weights : numpy.ndarray
+        1-D float64 global weights ``x``, changed in place.
+    first_moment : numpy.ndarray
+        1-D float64 ``m``, changed in place (start at 0).
+    second_moment : numpy.ndarray
+        1-D float64 ``v``, changed in place (start at ``tau**2``, as the paper's ``v_{-1} >= tau**2``).
+    delta : numpy.ndarray
+        1-D averaged update ``d`` (pseudo-gradient, new - global); read only.
+    rule : {"adam", "yogi", "adagrad"}
+        The second-moment rule.
+    learning_rate : float
+        Server step size ``eta`` (> 0), in weight units per unit of ``m / sqrt(v)``.
+    beta1, beta2 : float
+        Moment decay rates in [0, 1).
+    tau : float
+        Adaptivity (> 0): larger is closer to server SGD with momentum.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or ``rule`` is unknown.
+
+    Examples
+    --------
+    >>> x, m, v = np.zeros(2), np.zeros(2), np.full(2, 1e-6)
+    >>> adaptive_server_step(x, m, v, np.array([1.0, -2.0]), rule="adagrad",
+    ...                      learning_rate=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    >>> m.round(6).tolist(), v.round(6).tolist()
+    ([0.1, -0.2], [1.000001, 4.000001])
+    >>> x.round(4).tolist()
+    [0.01, -0.01]
+    """
+    if not weights.shape == first_moment.shape == second_moment.shape == delta.shape:
+        raise ValueError(
+            f"shapes differ: weights {weights.shape}, moments {first_moment.shape} and "
+            f"{second_moment.shape}, delta {delta.shape}"
+        )
+    if rule not in ("adam", "yogi", "adagrad"):
+        raise ValueError(f"rule must be adam, yogi or adagrad, got {rule!r}")
+    size = min(_CHUNK, weights.size)
+    squared = np.empty(size, dtype=np.float64)
+    scratch = np.empty(size, dtype=np.float64)
+    for start in range(0, weights.size, _CHUNK):
+        stop = min(start + _CHUNK, weights.size)
+        d2, tmp = squared[: stop - start], scratch[: stop - start]
+        m, v, x = first_moment[start:stop], second_moment[start:stop], weights[start:stop]
+        tmp[...] = delta[start:stop]
+        np.multiply(tmp, tmp, out=d2)
+        # m = b1 m + (1 - b1) d
+        np.multiply(m, beta1, out=m)
+        np.multiply(tmp, 1.0 - beta1, out=tmp)
+        np.add(m, tmp, out=m)
+        if rule == "adagrad":
+            np.add(v, d2, out=v)
+        elif rule == "yogi":
+            np.subtract(v, d2, out=tmp)
+            np.sign(tmp, out=tmp)
+            np.multiply(tmp, d2, out=tmp)
+            np.multiply(tmp, 1.0 - beta2, out=tmp)
+            np.subtract(v, tmp, out=v)
+        else:
+            np.multiply(v, beta2, out=v)
+            np.multiply(d2, 1.0 - beta2, out=d2)
+            np.add(v, d2, out=v)
+        np.sqrt(v, out=tmp)
+        np.add(tmp, tau, out=tmp)
+        np.divide(m, tmp, out=tmp)
+        np.multiply(tmp, learning_rate, out=tmp)
+        np.add(x, tmp, out=x)
