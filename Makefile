@@ -27,6 +27,7 @@ test: install
 bench: install
 	$(PY) benchmarks/sim_overhead.py
 	$(PY) benchmarks/flamby_heart.py
+	$(PY) benchmarks/flamby.py
 	$(PY) benchmarks/deploy_overhead.py
 	$(PY) benchmarks/secagg.py
 	$(PY) benchmarks/dp_heart.py

@@ -110,7 +110,7 @@ class StrategyConfig(_Section):
     Attributes
     ----------
     name : {"fedavg", "median", "trimmed-mean", "krum", "geometric-median", "norm-bounding", \
-"fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"}
+"fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "cyclic", "fedbn", "fednova", "ditto"}
         ``fedavg``: example-weighted mean. The robust rules (see
         ``docs/robust-aggregation.md``): ``median`` (coordinate-wise),
         ``trimmed-mean``, ``krum`` (Multi-Krum), ``geometric-median`` (RFA) are
@@ -123,7 +123,8 @@ class StrategyConfig(_Section):
         an adaptive server optimizer over the averaged update) and ``scaffold``
         (control variates; models up to 40,000 values, not with secure
         aggregation). ``fedprox`` and ``scaffold`` change the sites' loss and
-        cannot be combined with record-level DP.
+        cannot be combined with record-level DP. ``cyclic``: one site per round,
+        in turn (FLamby's Cyclic); needs ``min_nodes: 1`` and no secure aggregation.
     server_learning_rate : float
         Step size applied to the aggregated update (FedOpt: the server
         optimizer's learning rate, typically 0.01 to 1).
@@ -145,6 +146,14 @@ class StrategyConfig(_Section):
         ``fedadam``, ``fedyogi``: decay of the server's second moment, in [0, 1).
     tau : float
         FedOpt: adaptivity (> 0), added to the root of the second moment.
+    ditto_lambda : float
+        ``ditto``: weight of the proximal term ``lambda / 2 ||v - w_global||^2``
+        that ties each site's personal model ``v`` to the global one (>= 0).
+
+    Personalization (see ``docs/strategies.md``): ``fedbn`` (FedAvg whose
+    normalization layers stay local at each site), ``fednova`` (FedAvg of
+    updates normalized by each site's local steps; not with secure
+    aggregation) and ``ditto`` (FedAvg plus a personal model per site).
     """
 
     name: Literal[
@@ -159,6 +168,10 @@ class StrategyConfig(_Section):
         "fedyogi",
         "fedadagrad",
         "scaffold",
+        "cyclic",
+        "fedbn",
+        "fednova",
+        "ditto",
     ] = "fedavg"
     server_learning_rate: float = Field(default=1.0, gt=0)
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
@@ -170,6 +183,7 @@ class StrategyConfig(_Section):
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    ditto_lambda: float = Field(default=0.1, ge=0, allow_inf_nan=False)
 
 
 class SecureAggregationConfig(_Section):
@@ -316,16 +330,36 @@ class EvaluationConfig(_Section):
 
     Federated evaluation runs after every ``every_rounds`` rounds and always
     after the last round.
+
+    Attributes
+    ----------
+    every_rounds : int
+    fine_tune_epochs : int
+        When above 0, the evaluation after the last round also fine-tunes a
+        copy of the global model on each site's training split for this many
+        epochs and reports its metrics as ``personalized_*`` next to the
+        global model's (see :func:`fedcare.personalization.fine_tune`).
     """
 
     every_rounds: int = Field(default=1, ge=1)
+    fine_tune_epochs: int = Field(default=0, ge=0)
 
 
 class ModelConfig(_Section):
-    """Architecture options read by the task (ignored where irrelevant)."""
+    """Architecture options read by the task (ignored where irrelevant).
+
+    Attributes
+    ----------
+    hidden_units : int
+    dropout : float
+    batch_norm : bool
+        ``tabular-mlp``: a ``BatchNorm1d`` after the hidden layer (its running
+        statistics travel as parameters; ``fedbn`` keeps them local).
+    """
 
     hidden_units: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    batch_norm: bool = False
 
 
 class Plan(_Section):
@@ -401,7 +435,48 @@ class Plan(_Section):
                 "does not carry; use fedprox or fedavg with secure aggregation, or turn secure aggregation off",
                 {"loc": "strategy.name"},
             )
-        if self.privacy.record_level.enabled and self.strategy.name in ("fedprox", "scaffold"):
+        if self.strategy.name == "cyclic" and secure.enabled:
+            raise PydanticCustomError(
+                "strategy_single_site",
+                "{name} trains one site per round, so the secure sum would be that site's update; turn secure "
+                "aggregation off or use fedavg",
+                {"name": self.strategy.name, "loc": "strategy.name"},
+            )
+        if self.strategy.name == "cyclic" and self.min_nodes != 1:
+            raise PydanticCustomError(
+                "min_nodes_cyclic",
+                "min_nodes must be 1 with {name}, which trains one site per round, got {min_nodes}",
+                {"name": self.strategy.name, "min_nodes": self.min_nodes, "loc": "min_nodes"},
+            )
+        if secure.enabled and self.strategy.name == "fednova":
+            raise PydanticCustomError(
+                "strategy_needs_side_data",
+                "fednova needs each site's number of local steps next to its update, which secure aggregation "
+                "hides in the sum; use fedavg or fedprox with secure aggregation, or turn secure aggregation off",
+                {"loc": "strategy.name"},
+            )
+        if self.strategy.name == "ditto" and self.evaluation.fine_tune_epochs > 0:
+            raise PydanticCustomError(
+                "personalization_twice",
+                "ditto already reports each site's personal model as personalized_*; set "
+                "evaluation.fine_tune_epochs: 0 with ditto, or use fedavg to fine-tune after federation",
+                {"loc": "evaluation.fine_tune_epochs"},
+            )
+        if self.privacy.record_level.enabled and self.evaluation.fine_tune_epochs > 0:
+            raise PydanticCustomError(
+                "fine_tune_without_dp",
+                "fine-tuning trains without DP-SGD and reports the result's metrics; set "
+                "evaluation.fine_tune_epochs: 0 with record-level DP",
+                {"loc": "evaluation.fine_tune_epochs"},
+            )
+        if self.privacy.record_level.enabled and self.model.batch_norm:
+            raise PydanticCustomError(
+                "batch_norm_with_dp",
+                "BatchNorm mixes the examples of a batch, which per-example gradients (DP-SGD) forbid; set "
+                "model.batch_norm: false with record-level DP",
+                {"loc": "model.batch_norm"},
+            )
+        if self.privacy.record_level.enabled and self.strategy.name in ("fedprox", "scaffold", "ditto"):
             raise PydanticCustomError(
                 "strategy_changes_local_loss",
                 "{name} adds a term to the sites' loss that DP-SGD's per-example gradients do not see; use fedavg "

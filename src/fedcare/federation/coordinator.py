@@ -342,9 +342,12 @@ class Coordinator:
         plan = self.plan
         round_started = time.perf_counter()
         candidates = self._available(nodes, round_number)
-        count = min(per_round, len(candidates))
-        selection = np.random.default_rng([plan.seed, round_number]).choice(len(candidates), count, replace=False)
-        selected = [candidates[i] for i in sorted(selection)]
+        chosen = self.strategy.select(round_number, candidates)
+        if chosen is None:
+            count = min(per_round, len(candidates))
+            selection = np.random.default_rng([plan.seed, round_number]).choice(len(candidates), count, replace=False)
+            chosen = [candidates[i] for i in sorted(selection)]
+        selected = chosen
         self._emit({"event": "round_start", "round": round_number, "nodes": selected})
         extra = self.strategy.configure_train(round_number, selected)
         global_parameters = result.parameters

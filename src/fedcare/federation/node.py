@@ -18,7 +18,10 @@ from fedcare.federation.policy import NodePolicy
 from fedcare.federation.secure_aggregation import NodeSecureAggregation, masked_parameters
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.params import Parameters
+from fedcare.personalization import fine_tune, personalized
 from fedcare.plan import Plan, plan_hash
+from fedcare.strategies.ditto import DITTO_KEY
+from fedcare.strategies.fednova import STEPS_KEY
 from fedcare.strategies.scaffold import CONTROL_DELTA_KEY, CONTROL_KEY
 from fedcare.tasks.base import SiteData, Task, TrainHook
 from fedcare.tasks.hooks import ProximalTerm
@@ -109,6 +112,9 @@ class Node:
         self._model: Any = None
         self._prepared: tuple[Any, SiteData] | None = None
         self._control = NodeControlVariate()  # SCAFFOLD's c_i: in memory only, 0 after a restart
+        # FedBN: this site's own normalization tensors, kept in memory from its last training round.
+        self._local_tensors: dict[str, np.ndarray] | None = None
+        self._personal: Any = None  # Ditto's personal model v_i, in memory only
 
     # -- serving ---------------------------------------------------------------
 
@@ -169,7 +175,7 @@ class Node:
             hooks.append(hook)
         model = self._model_with(job.parameters)
         # The strategy's own training terms; both capture the global weights now, before training.
-        for key, name in (("proximal_mu", "fedprox"), (CONTROL_KEY, "scaffold")):
+        for key, name in (("proximal_mu", "fedprox"), (CONTROL_KEY, "scaffold"), (DITTO_KEY, "ditto")):
             if key in job.config and self.plan.strategy.name != name:
                 raise ProtocolError(f"the job asks for {name} training, but the approved plan names another strategy")
         if "proximal_mu" in job.config:
@@ -177,6 +183,9 @@ class Node:
         if CONTROL_KEY in job.config:
             hooks.append(self._control.training_hook(model, job.config[CONTROL_KEY], job.parameters))
         data = self._prepare(job.config)
+        personal_metrics: dict[str, float] = {}
+        if DITTO_KEY in job.config:
+            personal_metrics = self._train_personal(job.parameters, float(job.config[DITTO_KEY]), data, seed=seed)
         outcome = self.task.train(model, data.train, self.plan, seed=seed, hooks=hooks)
         privacy_metrics: dict[str, float] = {}
         if self._privacy is not None:
@@ -187,6 +196,8 @@ class Node:
         new = self.task.get_parameters(model)
         if new.spec != job.parameters.spec:
             raise ProtocolError("the task changed the model's tensors during training")
+        if self.plan.strategy.name == "fedbn":
+            self._local_tensors = {name: new[name].copy() for name in self.task.local_parameter_names(model)}
         delta = new.flatten()
         np.subtract(delta, job.parameters.flatten(), out=delta)
         # A float32 sum is finite only if every value is (NaN and Inf propagate) and costs a
@@ -200,6 +211,8 @@ class Node:
             side[CONTROL_DELTA_KEY] = self._control.finish(
                 delta, steps=outcome.steps, learning_rate=self.plan.local.learning_rate
             )
+        if self.plan.strategy.name == "fednova":
+            side[STEPS_KEY] = outcome.steps
         if secure is not None:
             # The update stays here; only public keys leave now, and later the masked sum's share.
             keys = self._secure.start(
@@ -210,7 +223,7 @@ class Node:
             job,
             update=Parameters.from_flat(delta, new.spec),
             num_examples=outcome.num_examples,
-            metrics={**outcome.metrics, "steps": float(outcome.steps), **privacy_metrics},
+            metrics={**outcome.metrics, "steps": float(outcome.steps), **privacy_metrics, **personal_metrics},
             data=side,
         )
 
@@ -219,7 +232,14 @@ class Node:
             raise ProtocolError("an evaluation job must carry the global parameters")
         model = self._model_with(job.parameters)
         data = self._prepare(job.config)
-        metrics = self.task.evaluate(model, data.test)
+        epochs = self.plan.evaluation.fine_tune_epochs
+        if epochs > 0 and job.round == self.plan.rounds:  # the evaluation after the last round
+            parameters = self.task.get_parameters(model)  # a FedBN site's own normalization included
+            metrics = fine_tune(self.plan, parameters, data, task=self.task, epochs=epochs, seed=self.plan.seed)
+        else:
+            metrics = self.task.evaluate(model, data.test)
+        if self._personal is not None:
+            metrics = {**metrics, **personalized(self.task.evaluate(self._personal, data.test))}
         return self._answer(
             job,
             num_examples=len(data.test),
@@ -259,8 +279,26 @@ class Node:
     def _model_with(self, parameters: Parameters) -> Any:
         if self._model is None:
             self._model = self.task.build_model(self._data.spec, self.plan)
+        if self._local_tensors is not None:  # FedBN: the global values of local tensors are ignored
+            local = self._local_tensors
+            parameters = Parameters({name: local.get(name, value) for name, value in parameters.items()})
         self.task.set_parameters(self._model, parameters)
         return self._model
+
+    def _train_personal(
+        self, global_parameters: Parameters, ditto_lambda: float, data: SiteData, *, seed: int
+    ) -> dict[str, float]:
+        """Ditto: train the personal model ``v`` with ``lambda / 2 ||v - w_global||^2``, from its last state."""
+        if self._personal is None:
+            self._personal = self.task.build_model(self._data.spec, self.plan)
+            state = global_parameters  # v starts from the first global model this site receives
+        else:
+            state = self.task.get_parameters(self._personal)
+        self.task.set_parameters(self._personal, global_parameters)
+        hook = ProximalTerm(self._personal, mu=ditto_lambda)  # anchors a copy of w_global now
+        self.task.set_parameters(self._personal, state)
+        outcome = self.task.train(self._personal, data.train, self.plan, seed=seed, hooks=[hook])
+        return personalized({k: v for k, v in outcome.metrics.items() if k == "train_loss"})
 
     def _prepare(self, config: Any) -> SiteData:
         """The local data as the plan's normalization asks, cached between rounds."""

@@ -11,8 +11,11 @@ import numpy as np
 from fedcare.errors import ConfigError
 from fedcare.plan import SiteLevelPrivacy, StrategyConfig
 from fedcare.strategies.base import Strategy
+from fedcare.strategies.cyclic import Cyclic
+from fedcare.strategies.ditto import Ditto
 from fedcare.strategies.dp_fedavg import DPFedAvg
 from fedcare.strategies.fedavg import FedAvg
+from fedcare.strategies.fednova import FedNova
 from fedcare.strategies.fedopt import FedOpt
 from fedcare.strategies.fedprox import FedProx
 from fedcare.strategies.kernels import weighted_fold
@@ -21,8 +24,11 @@ from fedcare.strategies.scaffold import Scaffold
 
 __all__ = [
     "CoordinateMedian",
+    "Cyclic",
     "DPFedAvg",
+    "Ditto",
     "FedAvg",
+    "FedNova",
     "FedOpt",
     "FedProx",
     "GeometricMedian",
@@ -55,7 +61,10 @@ def make_strategy(
     :class:`MultiKrum`, ``geometric-median`` :class:`GeometricMedian`,
     ``norm-bounding`` :class:`NormBounding`, ``fedprox`` :class:`FedProx`,
     ``fedadam``, ``fedyogi`` and ``fedadagrad`` :class:`FedOpt` and
-    ``scaffold`` :class:`Scaffold` (with ``num_nodes`` as its ``N``).
+    ``scaffold`` :class:`Scaffold` (with ``num_nodes`` as its ``N``) and
+    ``cyclic`` :class:`Cyclic`; ``fedbn`` :class:`FedAvg` (the sites keep
+    their normalization tensors), ``fednova`` :class:`FedNova` and ``ditto``
+    :class:`Ditto`.
 
     Parameters
     ----------
@@ -144,4 +153,12 @@ def make_strategy(
         )
     if config.name == "scaffold":
         return Scaffold(num_nodes=num_nodes if num_nodes is not None else num_sampled, server_learning_rate=rate)
+    if config.name == "cyclic":
+        return Cyclic(server_learning_rate=rate)
+    if config.name == "fedbn":
+        return FedAvg(server_learning_rate=rate)  # local tensors are averaged too, and ignored by the sites
+    if config.name == "fednova":
+        return FedNova(server_learning_rate=rate)
+    if config.name == "ditto":
+        return Ditto(ditto_lambda=config.ditto_lambda, server_learning_rate=rate)
     raise AssertionError(f"unhandled strategy {config.name!r}")  # the plan's Literal forbids it

@@ -27,6 +27,30 @@ class Strategy(abc.ABC):
     #: True for rules that cannot fold updates one by one.
     needs_all_updates: ClassVar[bool] = False
 
+    def select(self, round: int, candidates: Sequence[str]) -> list[str] | None:  # noqa: A002
+        """The nodes to train this round, or ``None`` for the coordinator's seeded random choice (default).
+
+        Parameters
+        ----------
+        round : int
+            The round number, from 1.
+        candidates : sequence of str
+            The admitted, reachable nodes, in admitted order.
+
+        Returns
+        -------
+        list of str or None
+            A subset of ``candidates``; ``None`` lets the coordinator draw
+            ``plan.nodes_per_round`` of them.
+
+        Examples
+        --------
+        >>> from fedcare.strategies.fedavg import FedAvg
+        >>> FedAvg().select(1, ["a", "b"]) is None
+        True
+        """
+        return None
+
     def configure_train(self, round: int, nodes: Sequence[str]) -> dict[str, Mapping[str, Any]]:  # noqa: A002
         """Per-node, JSON-able extra configuration for this round's training jobs."""
         return {node: {} for node in nodes}

@@ -193,3 +193,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: Any, data: Split) -> dict[str, float]:
         """Return metrics of the model on ``data``."""
+
+    def local_parameter_names(self, model: Any) -> tuple[str, ...]:
+        """Names of the tensors a site keeps for itself under ``fedbn`` (normalization layers).
+
+        The default is none: ``fedbn`` then works exactly like ``fedavg``.
+        """
+        return ()

@@ -45,6 +45,10 @@ class LogisticTask(TorchClassificationTask):
 class MLPTask(TorchClassificationTask):
     """A one-hidden-layer perceptron with ReLU; width from ``plan.model.hidden_units``.
 
+    With ``plan.model.batch_norm`` a ``BatchNorm1d`` follows the hidden layer;
+    its running mean and variance are floating buffers, so they travel with the
+    parameters (and stay local under ``fedbn``).
+
     Examples
     --------
     >>> from fedcare.plan import parse_plan
@@ -62,8 +66,10 @@ class MLPTask(TorchClassificationTask):
 
         layers: list[torch.nn.Module] = [
             torch.nn.Linear(spec.num_features, plan.model.hidden_units),
-            torch.nn.ReLU(),
         ]
+        if plan.model.batch_norm:
+            layers.append(torch.nn.BatchNorm1d(plan.model.hidden_units))
+        layers.append(torch.nn.ReLU())
         if plan.model.dropout > 0:
             layers.append(torch.nn.Dropout(plan.model.dropout))
         layers.append(torch.nn.Linear(plan.model.hidden_units, _outputs(spec)))

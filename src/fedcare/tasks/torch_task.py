@@ -66,6 +66,30 @@ class TorchClassificationTask(Task):
                 )
             np.copyto(tensor.detach().numpy(), incoming)
 
+    def local_parameter_names(self, model: Any) -> tuple[str, ...]:
+        """Floating tensors (weights, biases, running statistics) of the model's BatchNorm layers.
+
+        These are the tensors ``fedbn`` keeps local; a model without BatchNorm
+        has none, and ``fedbn`` is then FedAvg.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from fedcare.tasks.tabular import MLPTask
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        >>> MLPTask().local_parameter_names(model)
+        ('1.weight', '1.bias', '1.running_mean', '1.running_var')
+        """
+        import torch
+
+        names: list[str] = []
+        for prefix, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                for name, tensor in module.state_dict().items():
+                    if tensor.is_floating_point():
+                        names.append(f"{prefix}.{name}" if prefix else name)
+        return tuple(names)
+
     def train(
         self,
         model: Any,
