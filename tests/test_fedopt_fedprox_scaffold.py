@@ -320,3 +320,29 @@ def test_strategies_share_the_streaming_interface() -> None:
     for strategy in (FedProx(), FedOpt(rule="adam"), Scaffold()):
         assert isinstance(strategy, Strategy) and not strategy.needs_all_updates
     assert isinstance(FedProx(), FedAvg)
+
+
+def test_scaffold_site_control_is_saved_and_read_back_by_a_restarted_node_of_the_same_run(tmp_path: Path) -> None:
+    import torch
+
+    from fedcare.federation.control_variates import NodeControlVariate
+
+    model = torch.nn.Linear(3, 1)
+    spec = Parameters({"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.zeros(1, dtype=np.float32)})
+    path = tmp_path / "state" / "scaffold-control.safetensors"
+    first = NodeControlVariate(path)
+    first.training_hook(model, None, spec, run_id="run-a")
+    first.finish(np.array([0.1, -0.2, 0.3, 0.4], dtype=np.float32), steps=2, learning_rate=0.5)
+
+    restarted = NodeControlVariate(path)
+    restarted.training_hook(model, None, spec, run_id="run-a")
+    change = restarted.finish(np.zeros(4, dtype=np.float32), steps=2, learning_rate=0.5)
+    other_run = NodeControlVariate(path)
+    other_run.training_hook(model, None, spec, run_id="run-b")
+
+    assert path.exists()
+    # The restarted node continued from the saved c_i (its change with a zero update and c = 0 is 0) ...
+    assert change == [0.0, 0.0, 0.0, 0.0]
+    assert restarted._own is not None and np.allclose(restarted._own, [-0.1, 0.2, -0.3, -0.4])
+    # ... and a node of another run starts from zero.
+    assert other_run._own is not None and not other_run._own.any()

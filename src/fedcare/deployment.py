@@ -63,6 +63,9 @@ class NodeConfig(BaseModel):
     #: Where the site keeps its privacy ledgers, one file per dataset, across runs (relative paths
     #: are relative to node.yaml). Default: ``NAME-privacy-ledger/`` beside node.yaml.
     ledger_dir: Path | None = None
+    #: Where the site keeps strategy state across restarts (SCAFFOLD's control variate).
+    #: Default: ``NAME-state/`` beside node.yaml.
+    state_dir: Path | None = None
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -87,7 +90,8 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raise _format_validation_error(exc, root="node") from None
     base = Path(path).resolve().parent
     ledger_dir = base / (config.ledger_dir or f"{config.name}-privacy-ledger")
-    return config.model_copy(update={"ledger_dir": ledger_dir})
+    state_dir = base / (config.state_dir or f"{config.name}-state")
+    return config.model_copy(update={"ledger_dir": ledger_dir, "state_dir": state_dir})
 
 
 def run_node(
@@ -138,6 +142,7 @@ def run_node(
             plan=plan,
             policy=config.policy,
             ledger_dir=config.ledger_dir or Path(f"{config.name}-privacy-ledger"),
+            state_dir=config.state_dir or Path(f"{config.name}-state"),
         ).serve(channel)
     finally:
         channel.close()

@@ -223,6 +223,7 @@ def simulate(
                 plan=plan,
                 policy=(policies or {}).get(site),
                 ledger_dir=None if ledgers is None else ledgers / site,
+                state_dir=None if run_dir is None else run_dir.path / "node-state" / site,
                 secure_noise=False,  # a simulated study can be repeated; deployments draw noise from the OS
             )
             runner = node.serve if attack is None else attacked_runner(node.serve, attack, node_id=site)

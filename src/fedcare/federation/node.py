@@ -52,6 +52,9 @@ class Node:
     ledger_dir : Path, optional
         Where the site's privacy ledgers live; needed when the plan enables
         record-level DP.
+    state_dir : Path, optional
+        Where the site keeps strategy state across restarts (SCAFFOLD's
+        control variate); without it such state lives in memory only.
     secure_noise : bool
         Seed DP noise from the operating system (default). Simulations pass
         ``False`` to derive it from the job seeds, so a study can be repeated.
@@ -79,6 +82,7 @@ class Node:
         plan: Plan,
         policy: NodePolicy | None = None,
         ledger_dir: Path | None = None,
+        state_dir: Path | None = None,
         secure_noise: bool = True,
     ) -> None:
         self.node_id = node_id
@@ -111,7 +115,8 @@ class Node:
         self._plan_hash = plan_hash(plan)
         self._model: Any = None
         self._prepared: tuple[Any, SiteData] | None = None
-        self._control = NodeControlVariate()  # SCAFFOLD's c_i: in memory only, 0 after a restart
+        # SCAFFOLD's c_i: saved in state_dir, so a restarted node of the same run keeps it.
+        self._control = NodeControlVariate(None if state_dir is None else state_dir / "scaffold-control.safetensors")
         # FedBN: this site's own normalization tensors, kept in memory from its last training round.
         self._local_tensors: dict[str, np.ndarray] | None = None
         self._personal: Any = None  # Ditto's personal model v_i, in memory only
@@ -181,7 +186,7 @@ class Node:
         if "proximal_mu" in job.config:
             hooks.append(ProximalTerm(model, mu=float(job.config["proximal_mu"])))
         if CONTROL_KEY in job.config:
-            hooks.append(self._control.training_hook(model, job.config[CONTROL_KEY], job.parameters))
+            hooks.append(self._control.training_hook(model, job.config[CONTROL_KEY], job.parameters, run_id=job.run_id))
         data = self._prepare(job.config)
         personal_metrics: dict[str, float] = {}
         if DITTO_KEY in job.config:
