@@ -48,23 +48,34 @@ class FedAvg(Strategy):
         self._total_weight = 0.0
 
     def accumulate(self, update: Parameters, *, weight: float, node_id: str) -> None:
+        self._fold(update, weight=weight, node_id=node_id)
+
+    def finalize(self) -> Parameters:
+        mean, global_parameters = self._take_mean()
+        mean *= self.server_learning_rate
+        mean += global_parameters.flatten()
+        return Parameters.from_flat(mean.astype(np.float32), global_parameters.spec)
+
+    # -- shared with the strategies built on FedAvg ------------------------------------
+
+    def _fold(self, update: Parameters, *, weight: float, node_id: str, scale: float = 1.0) -> None:
+        """Check ``update`` and fold ``scale * update`` in with example weight ``weight``."""
         if self._global is None or self._sum is None:
             raise FederationError("accumulate() called before begin_round()")
         if update.spec != self._global.spec:
             raise ProtocolError("update does not match the model's tensors", node_id=node_id)
         if not weight > 0:
             raise ProtocolError(f"update weight must be > 0, got {weight}", node_id=node_id)
-        weighted_fold(self._sum, update.flatten(), float(weight))
+        weighted_fold(self._sum, update.flatten(), float(weight) * scale)
         self._total_weight += float(weight)
 
-    def finalize(self) -> Parameters:
+    def _take_mean(self) -> tuple[np.ndarray, Parameters]:
+        """The round's example-weighted mean update (float64, owned by the caller) and its global model; ends the round."""
         if self._global is None or self._sum is None:
             raise FederationError("finalize() called before begin_round()")
         if self._total_weight <= 0:
             raise FederationError("no update was accumulated this round")
-        step = self._sum
-        step *= self.server_learning_rate / self._total_weight
-        step += self._global.flatten()
-        new = Parameters.from_flat(step.astype(np.float32), self._global.spec)
+        mean, global_parameters = self._sum, self._global
+        mean /= self._total_weight
         self._global, self._sum, self._total_weight = None, None, 0.0
-        return new
+        return mean, global_parameters

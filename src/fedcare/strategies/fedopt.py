@@ -7,15 +7,15 @@ from typing import Literal
 
 import numpy as np
 
-from fedcare.errors import ConfigError, DataError, FederationError, ProtocolError
+from fedcare.errors import ConfigError, DataError, FederationError
 from fedcare.params import Parameters
-from fedcare.strategies.base import Strategy
-from fedcare.strategies.kernels import adaptive_server_step, weighted_fold
+from fedcare.strategies.fedavg import FedAvg
+from fedcare.strategies.kernels import adaptive_server_step
 
 __all__ = ["FedOpt"]
 
 
-class FedOpt(Strategy):
+class FedOpt(FedAvg):
     """An adaptive server optimizer applied to the example-weighted mean update.
 
     Each round folds the updates into one float64 accumulator as they arrive
@@ -72,12 +72,9 @@ class FedOpt(Strategy):
             raise ConfigError(f"must be > 0, got {server_learning_rate}", field="plan.strategy.server_learning_rate")
         if rule not in ("adam", "yogi", "adagrad"):
             raise ConfigError(f"rule must be adam, yogi or adagrad, got {rule!r}", field="plan.strategy.name")
+        super().__init__(server_learning_rate=server_learning_rate)
         self.rule = rule
-        self.server_learning_rate = server_learning_rate
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
-        self._global: Parameters | None = None
-        self._sum: np.ndarray | None = None
-        self._total_weight = 0.0
         self._first_moment: np.ndarray | None = None
         self._second_moment: np.ndarray | None = None
 
@@ -103,29 +100,12 @@ class FedOpt(Strategy):
             self._second_moment = np.full(size, self.tau**2, dtype=np.float64)
         elif self._first_moment.size != size:
             raise FederationError(f"the server moments have {self._first_moment.size} values, the model {size}")
-        self._global = global_parameters
-        self._sum = np.zeros(size, dtype=np.float64)
-        self._total_weight = 0.0
-
-    def accumulate(self, update: Parameters, *, weight: float, node_id: str) -> None:
-        if self._global is None or self._sum is None:
-            raise FederationError("accumulate() called before begin_round()")
-        if update.spec != self._global.spec:
-            raise ProtocolError("update does not match the model's tensors", node_id=node_id)
-        if not weight > 0:
-            raise ProtocolError(f"update weight must be > 0, got {weight}", node_id=node_id)
-        weighted_fold(self._sum, update.flatten(), float(weight))
-        self._total_weight += float(weight)
+        super().begin_round(round, global_parameters)
 
     def finalize(self) -> Parameters:
-        if self._global is None or self._sum is None:
-            raise FederationError("finalize() called before begin_round()")
-        if self._total_weight <= 0:
-            raise FederationError("no update was accumulated this round")
+        delta, global_parameters = self._take_mean()
         assert self._first_moment is not None and self._second_moment is not None
-        delta = self._sum
-        delta /= self._total_weight
-        weights = self._global.flatten().astype(np.float64)
+        weights = global_parameters.flatten().astype(np.float64)
         adaptive_server_step(
             weights,
             self._first_moment,
@@ -137,6 +117,4 @@ class FedOpt(Strategy):
             beta2=self.beta2,
             tau=self.tau,
         )
-        new = Parameters.from_flat(weights.astype(np.float32), self._global.spec)
-        self._global, self._sum, self._total_weight = None, None, 0.0
-        return new
+        return Parameters.from_flat(weights.astype(np.float32), global_parameters.spec)

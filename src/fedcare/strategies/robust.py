@@ -23,12 +23,12 @@ import numpy as np
 from fedcare.errors import ConfigError, FederationError, ProtocolError
 from fedcare.params import Parameters
 from fedcare.strategies.base import Strategy
+from fedcare.strategies.fedavg import FedAvg
 from fedcare.strategies.kernels import (
     coordinate_median,
     krum_scores,
     l2_norm,
     trimmed_mean,
-    weighted_fold,
     weiszfeld,
 )
 
@@ -314,7 +314,7 @@ class GeometricMedian(_CollectingStrategy):
         self._metrics = {"weiszfeld_iterations": steps}
 
 
-class NormBounding(Strategy):
+class NormBounding(FedAvg):
     """Clip each update to an L2 norm of ``max_norm``, then FedAvg (Sun et al. 2019); streaming.
 
     ``new = global + server_learning_rate * sum(w_i * clip(update_i)) / sum(w_i)``
@@ -349,47 +349,26 @@ class NormBounding(Strategy):
         if not (math.isfinite(max_norm) and max_norm > 0):
             raise ConfigError(f"must be > 0, got {max_norm}", field="plan.strategy.max_norm")
         _check_learning_rate(server_learning_rate)
+        super().__init__(server_learning_rate=server_learning_rate)
         self.max_norm = max_norm
-        self.server_learning_rate = server_learning_rate
-        self._global: Parameters | None = None
-        self._sum: np.ndarray | None = None
-        self._total_weight = 0.0
         self._clipped = 0
         self._metrics: dict[str, Any] = {}
 
     def begin_round(self, round: int, global_parameters: Parameters) -> None:  # noqa: A002
-        self._global = global_parameters
-        self._sum = np.zeros(global_parameters.num_elements, dtype=np.float64)
-        self._total_weight = 0.0
+        super().begin_round(round, global_parameters)
         self._clipped = 0
 
     def accumulate(self, update: Parameters, *, weight: float, node_id: str) -> None:
-        if self._global is None or self._sum is None:
-            raise FederationError("accumulate() called before begin_round()")
-        if update.spec != self._global.spec:
-            raise ProtocolError("update does not match the model's tensors", node_id=node_id)
-        if not weight > 0:
-            raise ProtocolError(f"update weight must be > 0, got {weight}", node_id=node_id)
-        vector = update.flatten()
-        norm = l2_norm(vector)
+        norm = l2_norm(update.flatten())
         scale = 1.0
         if norm > self.max_norm:
             scale = self.max_norm / norm
-            self._clipped += 1
-        weighted_fold(self._sum, vector, float(weight) * scale)
-        self._total_weight += float(weight)
+        self._fold(update, weight=weight, node_id=node_id, scale=scale)
+        self._clipped += scale < 1.0
 
     def finalize(self) -> Parameters:
-        if self._global is None or self._sum is None:
-            raise FederationError("finalize() called before begin_round()")
-        if self._total_weight <= 0:
-            raise FederationError("no update was accumulated this round")
-        step = self._sum
-        step *= self.server_learning_rate / self._total_weight
-        step += self._global.flatten()
-        new = Parameters.from_flat(step.astype(np.float32), self._global.spec)
+        new = super().finalize()
         self._metrics = {"norm_bounding_clipped": self._clipped}
-        self._global, self._sum, self._total_weight = None, None, 0.0
         return new
 
     def round_metrics(self) -> dict[str, Any]:
