@@ -10,9 +10,9 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from fedcare.errors import ConfigError
@@ -62,6 +62,20 @@ class DatasetConfig(_Section):
         a validation split (stratified), trains on the rest and reports
         evaluation on the validation split. Used to choose hyperparameters
         without looking at the test split.
+    labels : tuple of str, optional
+        The federation's label vocabulary, by class index. Required for a
+        dataset the sites describe in their own manifests (``node.yaml``):
+        each site maps its local labels onto these, and a site with local
+        labels it has not mapped refuses the plan. For a bundled dataset,
+        when given, it must equal the dataset's class names.
+    input_shape : tuple of int, optional
+        The shape of one example: ``[channels, height, width]`` for images,
+        ``[channels, depth, height, width]`` for volumes, ``[features]`` for
+        tables. Required for a dataset described by site manifests; every
+        site resizes its data to it.
+    features : tuple of str, optional
+        For a ``csv`` dataset described by site manifests: the feature
+        columns, in order.
     """
 
     name: str
@@ -70,6 +84,26 @@ class DatasetConfig(_Section):
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(default=0.5, gt=0)
     validation_fraction: float = Field(default=0.0, ge=0, lt=1)
+    labels: tuple[Annotated[str, StringConstraints(min_length=1)], ...] | None = Field(default=None, min_length=2)
+    input_shape: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(default=None, min_length=1, max_length=4)
+    features: tuple[Annotated[str, StringConstraints(min_length=1)], ...] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _vocabulary_distinct(self) -> DatasetConfig:
+        for name in ("labels", "features"):
+            values = getattr(self, name)
+            if values is not None and len(set(values)) != len(values):
+                repeated = sorted({v for v in values if values.count(v) > 1})
+                raise PydanticCustomError(
+                    "duplicate_names", "{field} lists {repeated} twice", {"field": name, "repeated": ", ".join(repeated), "loc": name}
+                )
+        if self.features is not None and self.input_shape is not None and self.input_shape != (len(self.features),):
+            raise PydanticCustomError(
+                "features_shape",
+                "input_shape {shape} does not match the {count} features listed",
+                {"shape": list(self.input_shape), "count": len(self.features), "loc": "input_shape"},
+            )
+        return self
 
 
 class LocalTraining(_Section):
@@ -360,6 +394,7 @@ class ModelConfig(_Section):
     hidden_units: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     batch_norm: bool = False
+    # IMAGING-FIELDS (image-cnn, image-resnet18, volume-cnn3d)
 
 
 class Plan(_Section):

@@ -379,6 +379,53 @@ class DatasetCatalog:
         """Dataset names, sorted."""
         return sorted(self._datasets)
 
+    def spec(self, config: DatasetConfig) -> DataSpec:
+        """The schema of the plan's dataset: a bundled dataset's own, or the one the plan declares.
+
+        A dataset the sites describe in their own manifests is not in the
+        catalog; its schema comes from the plan's ``labels`` (the
+        federation's vocabulary) and ``input_shape``.
+
+        Raises
+        ------
+        ConfigError
+            If the dataset is neither bundled nor declared by the plan, or the
+            plan's ``labels`` contradict a bundled dataset's classes.
+
+        Examples
+        --------
+        >>> from fedcare.plan import DatasetConfig
+        >>> catalog = DatasetCatalog.bundled()
+        >>> catalog.spec(DatasetConfig(name="chest-xray", labels=("normal", "pneumonia"), input_shape=(1, 64, 64))).num_features
+        4096
+        >>> catalog.spec(DatasetConfig(name="chest-xray"))
+        Traceback (most recent call last):
+        ...
+        fedcare.errors.ConfigError: plan.dataset: dataset 'chest-xray' is not bundled, so the plan must declare its labels and input_shape
+        """
+        if config.name in self._datasets:
+            spec = self._datasets[config.name].spec(config)
+            if config.labels is not None and spec.class_names and tuple(config.labels) != spec.class_names:
+                raise ConfigError(
+                    f"dataset {config.name!r} has classes {', '.join(spec.class_names)}; the plan lists "
+                    f"{', '.join(config.labels)}",
+                    field="plan.dataset.labels",
+                )
+            return spec
+        if config.labels is None or config.input_shape is None:
+            raise ConfigError(
+                f"dataset {config.name!r} is not bundled, so the plan must declare its labels and input_shape",
+                field="plan.dataset",
+            )
+        shape = tuple(config.input_shape)
+        return DataSpec(
+            num_features=int(np.prod(shape)),
+            num_classes=len(config.labels),
+            feature_names=tuple(config.features or ()),
+            class_names=tuple(config.labels),
+            input_shape=shape if len(shape) > 1 else (),
+        )
+
     def get(self, name: str) -> BundledDataset:
         """The dataset called ``name``.
 

@@ -38,6 +38,20 @@ class DataSpec:
         Public lower and upper bounds of each feature (from the dataset's
         documentation or clinical ranges, never from its records); needed to
         release feature statistics with differential privacy. Empty if unknown.
+        For images and volumes, the bounds of each channel's intensity.
+    input_shape : tuple of int
+        The shape of one example: ``(num_features,)`` for tables (the default
+        when empty), ``(channels, height, width)`` for images and
+        ``(channels, depth, height, width)`` for volumes; ``num_features`` is
+        then the product of the shape.
+
+    Examples
+    --------
+    >>> DataSpec(num_features=13, num_classes=2).shape
+    (13,)
+    >>> image = DataSpec(num_features=784, num_classes=2, input_shape=(1, 28, 28))
+    >>> image.shape, image.channels
+    ((1, 28, 28), 1)
     """
 
     num_features: int
@@ -45,6 +59,17 @@ class DataSpec:
     feature_names: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     feature_bounds: tuple[tuple[float, float], ...] = ()
+    input_shape: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one example (``(num_features,)`` for tables)."""
+        return self.input_shape or (self.num_features,)
+
+    @property
+    def channels(self) -> int:
+        """What normalization statistics are computed over: features of a table, channels of an image."""
+        return self.shape[0]
 
 
 @dataclass(frozen=True)
@@ -54,7 +79,8 @@ class Split:
     Attributes
     ----------
     x : numpy.ndarray
-        ``(n, num_features)`` float32 features.
+        ``(n, num_features)`` float32 features, or ``(n, *input_shape)`` for
+        images and volumes.
     y : numpy.ndarray
         ``(n,)`` int64 labels; for survival data the event indicator
         (1 = event observed, 0 = censored).
