@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/deploy_overhead.py
 	$(PY) benchmarks/secagg.py
 	$(PY) benchmarks/dp_heart.py
+	$(PY) benchmarks/imaging.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

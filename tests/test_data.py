@@ -90,7 +90,7 @@ def _malignant_share_spread(sites: dict[str, SiteData]) -> float:
 
 
 def test_catalog_lists_the_bundled_datasets(catalog: DatasetCatalog) -> None:
-    assert catalog.names() == ["breast-cancer", "heart-disease", "tcga-brca"]
+    assert catalog.names() == ["breast", "breast-cancer", "heart-disease", "pneumonia", "retina", "tcga-brca"]
 
 
 def test_unknown_dataset_is_refused_with_its_plan_field(catalog: DatasetCatalog) -> None:

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedcare.cli_audit import audit_app
+from fedcare.cli_data import data_app
 from fedcare.errors import ConfigError, DataError, FedcareError, FederationError
 
 app = typer.Typer(
@@ -83,6 +85,7 @@ def _summary(result: Any) -> dict[str, Any]:
         "pooled": {k: _number(v) for k, v in final.pooled.items()} if final else {},
         "mean_site_accuracy": _number(final.mean.get("accuracy")) if final else None,
         "failures": result.failures,
+        "participation": {str(r): nodes for r, nodes in sorted(result.participation.items())},
         "privacy": result.privacy,
         "epsilon_spent": dict(sorted(result.epsilon_spent.items())),
         "wall_s": result.wall_s,
@@ -161,17 +164,26 @@ def _with_event_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], No
         return run(on_event)
 
 
-def _simulate_and_render(plan_path: Path, out: Path | None, as_json: bool, resume: bool, title: str) -> None:
+def _simulate_and_render(
+    plan_path: Path, out: Path | None, as_json: bool, resume: bool, title: str, sites: Sequence[Path] = ()
+) -> None:
     from fedcare.plan import load_plan
     from fedcare.simulation import check_plan, default_run_dir, simulate
 
     started = time.perf_counter()
     with _fedcare_errors():
         plan = load_plan(plan_path)
-        check_plan(plan)
+        catalog = None
+        if sites:
+            from fedcare.deployment import load_node_config, manifest_catalog
+
+            catalog = manifest_catalog(plan, [load_node_config(path) for path in sites])
+        check_plan(plan, catalog=catalog)
         out_dir = out or default_run_dir(plan)
         result = _with_event_progress(
-            plan, lambda on_event: simulate(plan, out_dir=out_dir, on_event=on_event, resume=resume), show=not as_json
+            plan,
+            lambda on_event: simulate(plan, out_dir=out_dir, on_event=on_event, resume=resume, catalog=catalog),
+            show=not as_json,
         )
     summary = _summary(result)
     summary["wall_s"] = time.perf_counter() - started
@@ -184,9 +196,17 @@ def simulate(
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
+    site: Annotated[
+        list[Path] | None,
+        typer.Option("--site", help="A site's node.yaml whose manifest describes the plan's dataset (repeat per site)."),
+    ] = None,
 ) -> None:
-    """Run a whole federation in this process, one node per site of the plan's dataset."""
-    _simulate_and_render(plan, out, as_json, resume, title=plan.stem)
+    """Run a whole federation in this process, one node per site of the plan's dataset.
+
+    With ``--site``, the sites are the listed node.yaml files, each reading
+    its own files through its dataset manifest, as it would deployed.
+    """
+    _simulate_and_render(plan, out, as_json, resume, title=plan.stem, sites=site or ())
 
 
 @app.command()
@@ -274,23 +294,141 @@ def serve(
     _render_summary(summary, as_json, title=loaded.name)
 
 
-@app.command()
+node_app = typer.Typer(
+    help="A site's node: run it, list the installed tasks, and approve or reject the plans it received.",
+    invoke_without_command=True,
+)
+
+
+@node_app.callback()
 def node(
-    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
-    coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")],
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="The site's node.yaml.")] = None,
+    coordinator: Annotated[str | None, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")] = None,
     certs: Annotated[Path, typer.Option("--certs", help="Directory with ca.pem and this node's NAME.pem, NAME.key.")] = Path("certs"),
     give_up_after_s: Annotated[float | None, typer.Option("--give-up-after-s", help="Stop retrying an unreachable coordinator after this long (default: never).")] = None,
 ) -> None:
-    """Run a site's node: dial out to the coordinator and serve its jobs until the run ends."""
+    """Run a site's node: dial out to the coordinator and serve its jobs until the run ends.
+
+    The node runs a plan only once the site approved it (``fedcare node
+    approve``) or its policy approves it unattended (``auto_approve``).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None or coordinator is None:
+        _errors.print("[bold red]error:[/] fedcare node needs --config NODE.yaml and --coordinator HOST:PORT", markup=True)
+        raise typer.Exit(2)
     import logging
 
     from fedcare.deployment import load_node_config, run_node
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # pydicom's own warnings about malformed elements quote the element's value, which can be a
+    # patient's name or identifier: a node process keeps only pydicom's errors.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     with _fedcare_errors():
         node_config = load_node_config(config)
         run_node(node_config, coordinator=coordinator, certs_dir=certs, give_up_after_s=give_up_after_s)
     _errors.print(f"node {node_config.name}: the run is over", highlight=False)
+
+
+def _approvals(config: Path) -> Any:
+    from fedcare.deployment import load_node_config
+    from fedcare.federation.approvals import PlanApprovals
+
+    node_config = load_node_config(config)
+    assert node_config.approvals_dir is not None  # load_node_config resolves it
+    return node_config, PlanApprovals(node_config.approvals_dir)
+
+
+@node_app.command("plans")
+def node_plans(
+    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the plans this site received: pending, approved and rejected, with what each asks for."""
+    from dataclasses import asdict
+
+    with _fedcare_errors():
+        _, approvals = _approvals(config)
+        records = approvals.records()
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(r) for r in records]) + "\n")
+        return
+    if not records:
+        _console.print("no plan received yet")
+        return
+    table = Table(title="plans received", title_justify="left")
+    for column in ("plan hash", "status", "task", "dataset", "rounds", "strategy", "privacy", "received", "decided"):
+        table.add_column(column)
+    for r in records:
+        style = {"pending": "yellow", "approved": "green", "rejected": "red"}[r.status]
+        decided = f"{r.decided_at} ({r.decided_by})" if r.decided_at else ""
+        table.add_row(
+            r.plan_hash[:16], f"[{style}]{r.status}[/]", r.summary["task"], r.summary["dataset"], str(r.summary["rounds"]),
+            r.summary["strategy"], r.summary["privacy"], r.received_at, decided,
+        )  # fmt: skip
+    _console.print(table)
+
+
+@node_app.command("approve")
+def node_approve(
+    plan_hash: Annotated[str, typer.Argument(help="The plan's hash, or its first 8 or more hex digits.")],
+    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
+) -> None:
+    """Approve a received plan: a node waiting for it starts serving its jobs."""
+    with _fedcare_errors():
+        _, approvals = _approvals(config)
+        record = approvals.approve(plan_hash)
+    _console.print(f"approved {record.plan_hash[:16]}: {record.summary['task']} on {record.summary['dataset']}, "
+                   f"{record.summary['rounds']} rounds; {record.summary['privacy']}", highlight=False)  # fmt: skip
+
+
+@node_app.command("reject")
+def node_reject(
+    plan_hash: Annotated[str, typer.Argument(help="The plan's hash, or its first 8 or more hex digits.")],
+    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why; the coordinator is told.")] = "",
+) -> None:
+    """Reject a received plan: the node tells the coordinator, with the reason, and takes no part."""
+    with _fedcare_errors():
+        _, approvals = _approvals(config)
+        record = approvals.reject(plan_hash, reason=reason)
+    _console.print(f"rejected {record.plan_hash[:16]}", highlight=False)
+
+
+@node_app.command("tasks")
+def node_tasks(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The tasks installed here, with the version and code SHA-256 a policy's allowed_tasks pins."""
+    from dataclasses import asdict
+
+    from fedcare.tasks.registry import TaskRegistry
+
+    registry = TaskRegistry.from_entry_points()
+    infos = [registry.info(name) for name in registry.names()]
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(i) for i in infos]) + "\n")
+        return
+    table = Table(title="installed tasks", title_justify="left")
+    for column in ("name", "version", "sha256"):
+        table.add_column(column, no_wrap=True)
+    for info in infos:
+        table.add_row(info.name, info.version, info.sha256)
+    _console.print(table)
+
+
+def _spans(rounds: list[int]) -> str:
+    """``[1, 2, 3, 7]`` as ``rounds 1-3, 7``."""
+    ordered = sorted(rounds)
+    runs: list[list[int]] = []
+    for value in ordered:
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return "rounds " + ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> None:
@@ -309,6 +447,15 @@ def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> No
         )
     for failure in summary["failures"]:
         _console.print(f"[yellow]round {failure['round']}: {failure['node_id']}: {failure['error']}[/]")
+    rounds_by_site: dict[str, list[int]] = {}
+    for round_key, nodes in summary.get("participation", {}).items():
+        for node_id in nodes:
+            rounds_by_site.setdefault(node_id, []).append(int(round_key))
+    total = summary["rounds"]
+    partial = {site: rounds for site, rounds in rounds_by_site.items() if len(rounds) < total}
+    if partial:
+        spans = "; ".join(f"{site} {_spans(rounds)}" for site, rounds in sorted(partial.items()))
+        _console.print(f"took part in some rounds only: {spans} (of {total})", highlight=False)
     privacy = summary.get("privacy") or {}
     if privacy:
         secure = "on (SecAgg+): the coordinator saw only sums" if privacy.get("secure_aggregation") else "off"
@@ -434,6 +581,9 @@ certs_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(certs_app, name="certs")
+app.add_typer(node_app, name="node")
+app.add_typer(data_app, name="data")
+app.add_typer(audit_app, name="audit")
 
 
 @certs_app.command("init")
@@ -488,6 +638,19 @@ def certs_revoke(
     with _fedcare_errors():
         serial = revoke_certificate(certs, name)
     _console.print(f"revoked {name} (serial {serial:x}); updated {certs / 'crl.pem'}", highlight=False, soft_wrap=True)
+
+
+@certs_app.command("fingerprint")
+def certs_fingerprint(
+    name: Annotated[str, typer.Argument(help="The certificate's stem in --certs (default: server, the coordinator's).")] = "server",
+    certs: Annotated[Path, typer.Option("--certs", help="The directory holding NAME.pem.")] = Path("certs"),
+) -> None:
+    """Print a certificate's SHA-256 fingerprint: what a site pins as policy.coordinator_fingerprint."""
+    from fedcare.transport.pki import certificate_sha256, read_pem
+
+    with _fedcare_errors():
+        fingerprint = certificate_sha256(read_pem(certs / f"{name}.pem"))
+    _console.print(fingerprint, highlight=False)
 
 
 @certs_app.command("list")

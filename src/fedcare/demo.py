@@ -53,17 +53,27 @@ def prepare_deployment(plan_path: str | Path, run_dir: str | Path) -> DemoLayout
     certs = run / "certs"
     pki.init_ca(certs, federation=plan.name, lifetime_days=7)
     pki.issue_certificate(certs, role="server", name="coordinator", lifetime_days=1)
+    from fedcare.tasks.registry import TaskRegistry
+
+    task = TaskRegistry.from_entry_points().info(plan.task)
     configs = {}
     for site in sites:
         pki.issue_certificate(certs, role="node", name=site, lifetime_days=1)
         config = run / "nodes" / f"{site}.yaml"
         config.parent.mkdir(exist_ok=True)
         node: dict[str, object] = {"name": site, "datasets": {plan.dataset.name: {"site": site}}}
+        # The demo's hospitals approve, unattended, only the installed task's exact code.
+        policy: dict[str, object] = {
+            "auto_approve": True,
+            "allowed_tasks": [{"name": task.name, "version": task.version, "sha256": task.sha256}],
+            "coordinator_fingerprint": pki.certificate_sha256(pki.read_pem(certs / "server.pem")),
+        }
         record_level = plan.privacy.record_level
         if record_level.enabled:
             # Each hospital's own lifetime budget for the dataset; its ledger lives beside node.yaml.
             budget = {"epsilon": record_level.epsilon, "delta": record_level.delta, "accountant": record_level.accountant}
-            node["policy"] = {"privacy": {plan.dataset.name: budget}}
+            policy["privacy"] = {plan.dataset.name: budget}
+        node["policy"] = policy
         config.write_text(yaml.safe_dump(node, sort_keys=False))
         configs[site] = config
     deployed_path = run / "deploy-plan.yaml"

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from fedcare.errors import ProtocolError
 
-__all__ = ["Parameters", "ParameterSpec"]
+__all__ = ["ParameterSpec", "Parameters", "update_digest"]
 
 #: ``(name, shape)`` for each tensor, in order.
 ParameterSpec = tuple[tuple[str, tuple[int, ...]], ...]
@@ -256,3 +256,22 @@ def spec_to_json(spec: ParameterSpec) -> list[list[Any]]:
 def spec_from_json(value: Sequence[Sequence[Any]]) -> ParameterSpec:
     """Inverse of :func:`spec_to_json`."""
     return tuple((str(name), tuple(int(d) for d in shape)) for name, shape in value)
+
+
+def update_digest(parameters: Parameters) -> tuple[int, str]:
+    """Size in bytes and SHA-256 (hex) of ``parameters`` as safetensors bytes: what audit logs record.
+
+    The node that sends an update and the coordinator that receives it both
+    compute this, so their audit logs can be checked against each other.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> size, digest = update_digest(Parameters({"w": np.zeros(4, np.float32)}))
+    >>> size > 16, len(digest)
+    (True, 64)
+    """
+    import hashlib
+
+    data = parameters.to_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()

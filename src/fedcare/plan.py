@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from fedcare.errors import ConfigError
 
 __all__ = [
+    "ApprovalConfig",
     "DatasetConfig",
     "EvaluationConfig",
     "LocalTraining",
@@ -110,6 +111,16 @@ class LocalTraining(_Section):
     """The recipe each site follows in one round.
 
     Exactly one of ``epochs`` and ``steps`` is set.
+
+    Attributes
+    ----------
+    class_weighting : {"none", "balanced"}
+        ``balanced`` weights each training example's loss by
+        ``n / (classes * n_class)``, from the site's own training labels (as
+        scikit-learn's ``class_weight="balanced"``), so a site's majority
+        class does not dominate its loss. Not with record-level DP (the
+        weights depend on the site's label counts). ``none`` (default): every
+        example weighs 1.
     """
 
     epochs: int | None = Field(default=1, ge=1)
@@ -119,6 +130,7 @@ class LocalTraining(_Section):
     learning_rate: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    class_weighting: Literal["none", "balanced"] = "none"
 
     @model_validator(mode="before")
     @classmethod
@@ -133,6 +145,9 @@ class LocalTraining(_Section):
             raise ValueError(f"set exactly one of epochs and steps, got epochs={self.epochs}, steps={self.steps}")
         return self
 
+
+#: Built-in imaging tasks whose ``model.norm`` chooses BatchNorm (refused with record-level DP).
+_BATCH_NORM_IMAGING_TASKS = frozenset({"image-cnn", "image-resnet18", "volume-cnn3d"})
 
 #: Strategies that must see every update on its own (they cannot run under secure aggregation).
 _NEEDS_ALL_UPDATES = frozenset({"median", "trimmed-mean", "krum", "geometric-median"})
@@ -386,15 +401,69 @@ class ModelConfig(_Section):
     ----------
     hidden_units : int
     dropout : float
+        Dropout before the last layer (``tabular-mlp`` and the imaging tasks).
     batch_norm : bool
         ``tabular-mlp``: a ``BatchNorm1d`` after the hidden layer (its running
         statistics travel as parameters; ``fedbn`` keeps them local).
+    width : int
+        Imaging tasks: channels of the first convolution; each later stage
+        doubles it (``image-cnn``, ``volume-cnn3d``: three blocks, ``width``,
+        ``2 width``, ``4 width``; ``image-resnet18``: four stages, ``width`` to
+        ``8 width``, where 64 is the original ResNet-18). Default 16.
+    norm : {"batch", "group", "none"}
+        Imaging tasks: the normalization after each convolution. ``batch``
+        (BatchNorm; its running statistics travel as parameters and ``fedbn``
+        keeps them local; refused with record-level DP), ``group`` (GroupNorm
+        with ``gcd(8, channels)`` groups; works with DP-SGD and carries no
+        batch statistics) or ``none``. ``image-resnet18`` needs ``batch`` or
+        ``group``. Default ``batch``.
+    augment : {"none", "flip", "flip-crop"}
+        Imaging tasks, training only: ``flip`` mirrors each example along its
+        last (width) axis with probability 1/2; ``flip-crop`` also shifts it
+        by up to ``crop_padding`` voxels along every spatial axis (zero
+        padding, then a random crop back to the input size). Drawn from a
+        generator seeded by the round's training seed, so a round is
+        reproducible; evaluation never augments. Default ``none``.
+    crop_padding : int
+        Largest shift of ``flip-crop``, in pixels (voxels). Default 2.
+    intensity_jitter : float
+        Imaging tasks, training only: when above 0, each example's
+        intensities are scaled by a factor drawn uniformly from ``[1 - j, 1 +
+        j]`` and offset by one from ``[-j / 2, j / 2]`` (any ``augment``).
+        Default 0.
     """
 
     hidden_units: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     batch_norm: bool = False
     # IMAGING-FIELDS (image-cnn, image-resnet18, volume-cnn3d)
+    width: int = Field(default=16, ge=1)
+    norm: Literal["batch", "group", "none"] = "batch"
+    augment: Literal["none", "flip", "flip-crop"] = "none"
+    crop_padding: int = Field(default=2, ge=0)
+    intensity_jitter: float = Field(default=0.0, ge=0, lt=1)
+
+
+class ApprovalConfig(_Section):
+    """How the coordinator waits for the sites to approve the plan before round 1.
+
+    Every site runs a plan only once approved there (``fedcare node approve``,
+    or its policy's ``auto_approve``); until then it reports ``pending`` and
+    is left out of rounds. A site that approves later takes part from the
+    next round.
+
+    Attributes
+    ----------
+    wait_s : float
+        How long to wait, before round 1, for every admitted site to answer
+        (approve, reject or refuse); ``0`` starts at once with whoever has.
+    proceed : {"with-approved", "when-all-approved"}
+        After the wait: start with the approved sites (at least
+        ``min_nodes``), or only if every admitted site approved.
+    """
+
+    wait_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    proceed: Literal["with-approved", "when-all-approved"] = "with-approved"
 
 
 class Plan(_Section):
@@ -428,6 +497,7 @@ class Plan(_Section):
     round_timeout_s: float | None = Field(default=None, gt=0)
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    approval: ApprovalConfig = ApprovalConfig()
 
     @model_validator(mode="after")
     def _minimum_fits(self) -> Plan:
@@ -510,6 +580,20 @@ class Plan(_Section):
                 "BatchNorm mixes the examples of a batch, which per-example gradients (DP-SGD) forbid; set "
                 "model.batch_norm: false with record-level DP",
                 {"loc": "model.batch_norm"},
+            )
+        if self.privacy.record_level.enabled and self.model.norm == "batch" and self.task in _BATCH_NORM_IMAGING_TASKS:
+            raise PydanticCustomError(
+                "batch_norm_with_dp",
+                "BatchNorm mixes the examples of a batch, which per-example gradients (DP-SGD) forbid; set "
+                "model.norm: group (or none) with record-level DP",
+                {"loc": "model.norm"},
+            )
+        if self.privacy.record_level.enabled and self.local.class_weighting != "none":
+            raise PydanticCustomError(
+                "class_weighting_with_dp",
+                "balanced class weights come from the site's label counts, which DP-SGD's per-example accounting "
+                "does not cover; set local.class_weighting: none with record-level DP",
+                {"loc": "local.class_weighting"},
             )
         if self.privacy.record_level.enabled and self.strategy.name in ("fedprox", "scaffold", "ditto"):
             raise PydanticCustomError(

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcare.data.catalog import DatasetCatalog
-from fedcare.errors import ConfigError
+from fedcare.data.catalog import BundledDataset, DatasetCatalog
+from fedcare.data.manifest import ManifestDataset
+from fedcare.errors import ConfigError, DataError
 from fedcare.federation.coordinator import Coordinator, EventCallback, RunResult, check_participation
-from fedcare.federation.node import Node
+from fedcare.federation.node import Node, RefusingNode
 from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.params import Parameters
 from fedcare.plan import EPSILON_WARNING, Plan, PrivacyWarning
 from fedcare.simulation_attacks import Attack, attacked_runner
 from fedcare.strategies import make_strategy
-from fedcare.tasks.base import DataSpec, Task
+from fedcare.tasks.base import DataSpec, SiteData, Task
 from fedcare.tasks.registry import TaskRegistry
 from fedcare.transport.inproc import InProcTransport
 
@@ -43,7 +44,7 @@ def initial_parameters(task: Task, spec: DataSpec, plan: Plan) -> Parameters:
 
 
 def check_plan(
-    plan: Plan, *, registry: TaskRegistry | None = None, catalog: DatasetCatalog | None = None
+    plan: Plan, *, registry: TaskRegistry | None = None, catalog: DatasetCatalog | None = None, deployed: bool = False
 ) -> None:
     """Check that the plan's task, dataset and nodes exist, without loading any data.
 
@@ -52,6 +53,8 @@ def check_plan(
     ConfigError
         Naming the field (``plan.task``, ``plan.dataset.name``, ``plan.nodes``,
         ``plan.nodes_per_round``, ``plan.min_nodes``) and the value received.
+        With ``deployed=True`` the plan's nodes are certificate names and are
+        not checked against a bundled dataset's sites.
 
     Examples
     --------
@@ -66,6 +69,20 @@ def check_plan(
     catalog = catalog or DatasetCatalog.bundled()
     if plan.task not in registry:
         registry.get(plan.task)  # raises, listing the installed tasks
+    spec = catalog.spec(plan.dataset)  # a dataset the sites describe needs the plan's labels and input_shape
+    if plan.dataset.name not in catalog or deployed:
+        # Deployed, the plan's nodes are certificate names; each site's node.yaml binds its own data.
+        if plan.nodes is None:
+            raise ConfigError(
+                f"dataset {plan.dataset.name!r} is described by the sites' own manifests, so the plan must list "
+                "its nodes",
+                field="plan.nodes",
+            )
+        sites = list(plan.nodes)
+        check_participation(plan, sites)
+        _check_site_level_privacy(plan, num_nodes=len(sites))
+        _check_secure_normalization(plan, spec)
+        return
     dataset = catalog.get(plan.dataset.name)
     sites = list(dataset.site_names(plan.dataset))
     if plan.nodes is not None:
@@ -79,6 +96,43 @@ def check_plan(
         sites = list(plan.nodes)
     check_participation(plan, sites)
     _check_site_level_privacy(plan, num_nodes=len(sites))
+    _check_secure_normalization(plan, spec)
+
+
+def _load_sites(dataset: BundledDataset, plan: Plan) -> tuple[dict[str, SiteData], dict[str, str]]:
+    """The plan's sites' data, and the reasons of sites whose own files cannot serve the plan.
+
+    Bundled sites always load; a site described by its manifest refuses the
+    plan (as it would deployed) when, for instance, it has local labels it
+    has not mapped onto the plan's vocabulary.
+    """
+    names = list(plan.nodes) if plan.nodes is not None else list(dataset.site_names(plan.dataset))
+    if not isinstance(dataset, ManifestDataset):
+        sites = dataset.load_sites(plan.dataset)
+        return {name: sites[name] for name in names}, {}
+    loaded: dict[str, SiteData] = {}
+    refusals: dict[str, str] = {}
+    for name in names:
+        try:
+            loaded[name] = dataset.load_site(plan.dataset, name)
+        except DataError as exc:
+            refusals[name] = exc.message
+    return loaded, refusals
+
+
+def _check_secure_normalization(plan: Plan, spec: DataSpec) -> None:
+    """Refuse federated normalization under secure aggregation for data without public bounds."""
+    if (
+        plan.secure_aggregation.enabled
+        and plan.dataset.normalization == "federated"
+        and len(spec.feature_bounds) != spec.channels
+    ):
+        raise ConfigError(
+            f"federated normalization under secure aggregation sums each site's statistics in the masked ring, "
+            f"which needs public bounds for every feature; dataset {plan.dataset.name!r} declares none: use "
+            "normalization: per-site or none",
+            field="plan.dataset.normalization",
+        )
 
 
 def _check_site_level_privacy(plan: Plan, *, num_nodes: int) -> None:
@@ -206,9 +260,8 @@ def simulate(
     check_plan(plan, registry=registry, catalog=catalog)
     task = registry.get(plan.task)
     dataset = catalog.get(plan.dataset.name)
-    sites = dataset.load_sites(plan.dataset)
-    if plan.nodes is not None:
-        sites = {name: sites[name] for name in plan.nodes}
+    spec = catalog.spec(plan.dataset)
+    sites, refusals = _load_sites(dataset, plan)
     attacks = dict(attacks or {})
     _check_attacks(plan, attacks, sites=list(sites))
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
@@ -228,6 +281,8 @@ def simulate(
             )
             runner = node.serve if attack is None else attacked_runner(node.serve, attack, node_id=site)
             transport.add_node(site, runner)
+        for site, reason in refusals.items():
+            transport.add_node(site, RefusingNode(site, reason=reason).serve)
         coordinator = Coordinator(
             plan,
             strategy=make_strategy(
@@ -239,7 +294,8 @@ def simulate(
                 rng=np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(_SITE_LEVEL_NOISE,))),
             ),
             transport=transport,
-            initial_parameters=initial_parameters(task, dataset.spec(plan.dataset), plan),
+            initial_parameters=initial_parameters(task, spec, plan),
+            statistics_width=spec.channels,
             run_dir=run_dir,
             on_event=on_event,
         )

@@ -19,7 +19,7 @@ def test_secure_round_completes_when_nodes_die_before_and_after_sending_masked_i
     # masks must be removed), one right after (its self mask must be rebuilt from shares).
     layout = deploy(
         tmp_path,
-        dataset={"name": "breast-cancer", "num_nodes": 6, "normalization": "federated"},
+        dataset={"name": "breast-cancer", "num_nodes": 6, "normalization": "per-site"},
         nodes=SITES,
         rounds=2,
         min_nodes=3,

@@ -94,8 +94,10 @@ def test_site_requiring_secure_aggregation_takes_part_in_a_secure_round() -> Non
 def test_site_refuses_a_round_with_fewer_participants_than_its_policy_allows() -> None:
     policies = {"cleveland": NodePolicy(min_participants=5)}
     result = simulate(heart_plan(enabled=True, rounds=1), policies=policies)
-    [refusal] = [f for f in result.failures if f["node_id"] == "cleveland"]
-    assert "requires at least 5 sites per sum; 4 announced" in refusal["error"]
+    refusals = [f for f in result.failures if f["node_id"] == "cleveland"]
+    # Refused twice: the secure sum of normalization statistics (round 0), then the training round.
+    assert [f["round"] for f in refusals] == [0, 1]
+    assert all("requires at least 5 sites per sum; 4 announced" in f["error"] for f in refusals)
 
 
 def test_round_below_the_threshold_fails_and_releases_no_sum(tmp_path: Path) -> None:

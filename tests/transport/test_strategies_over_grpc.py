@@ -63,7 +63,10 @@ def serve_over_grpc(plan: Plan, workdir: Path) -> Any:
 
     def node(site: str) -> None:
         config = deployment.NodeConfig.model_validate(
-            {"name": site, "datasets": {"heart-disease": {"site": site}}, "ledger_dir": str(workdir / site)}
+            {"name": site, "datasets": {"heart-disease": {"site": site}}, "ledger_dir": str(workdir / site),
+             "audit_log": str(workdir / site / "audit.jsonl"), "approvals_dir": str(workdir / site / "approvals"),
+             "state_dir": str(workdir / site / "state"),
+             "policy": {"auto_approve": True, "allowed_tasks": [{"name": "tabular-logistic"}]}}
         )
         try:
             deployment.run_node(config, coordinator=f"127.0.0.1:{port[0]}", certs_dir=certs, give_up_after_s=30)

@@ -132,10 +132,11 @@ class HeartDisease(BundledDataset):
         "cp_atypical_angina", "cp_non_anginal", "cp_asymptomatic", "restecg_st_t", "restecg_lvh",
     )  # fmt: skip
     #: Public bounds of each feature, from heart-disease.names and clinical ranges (not from the
-    #: records): age in years, resting blood pressure in mm Hg, serum cholesterol in mg/dl (0 is
-    #: how Switzerland records a missing value), maximum heart rate, ST depression in mm; the rest are 0/1.
+    #: records): age in years, resting blood pressure in mm Hg (0 is how a missing value is
+    #: recorded), serum cholesterol in mg/dl (0 is how Switzerland records a missing value; familial
+    #: hypercholesterolaemia reaches 700), maximum heart rate, ST depression in mm; the rest are 0/1.
     BOUNDS = (
-        (20.0, 90.0), (0.0, 1.0), (80.0, 200.0), (0.0, 600.0), (0.0, 1.0), (60.0, 210.0), (0.0, 1.0), (-3.0, 7.0),
+        (20.0, 90.0), (0.0, 1.0), (0.0, 200.0), (0.0, 700.0), (0.0, 1.0), (60.0, 210.0), (0.0, 1.0), (-3.0, 7.0),
         (0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0),
     )  # fmt: skip
 
@@ -360,11 +361,11 @@ class DatasetCatalog:
     --------
     >>> catalog = DatasetCatalog.bundled()
     >>> catalog.names()
-    ['breast-cancer', 'heart-disease', 'tcga-brca']
+    ['breast', 'breast-cancer', 'heart-disease', 'pneumonia', 'retina', 'tcga-brca']
     >>> catalog.get("mnist")
     Traceback (most recent call last):
     ...
-    fedcare.errors.ConfigError: plan.dataset.name: unknown dataset 'mnist'; available: breast-cancer, heart-disease, tcga-brca
+    fedcare.errors.ConfigError: plan.dataset.name: unknown dataset 'mnist'; available: breast, breast-cancer, heart-disease, pneumonia, retina, tcga-brca
     """
 
     def __init__(self, datasets: list[BundledDataset]) -> None:
@@ -373,7 +374,9 @@ class DatasetCatalog:
     @classmethod
     def bundled(cls) -> DatasetCatalog:
         """The datasets that ship with fedcare."""
-        return cls([HeartDisease(), BreastCancer(), TcgaBrca()])
+        from fedcare.data.medmnist import BreastMNIST, PneumoniaMNIST, RetinaMNIST
+
+        return cls([HeartDisease(), BreastCancer(), TcgaBrca(), PneumoniaMNIST(), BreastMNIST(), RetinaMNIST()])
 
     def names(self) -> list[str]:
         """Dataset names, sorted."""
@@ -398,10 +401,10 @@ class DatasetCatalog:
         >>> catalog = DatasetCatalog.bundled()
         >>> catalog.spec(DatasetConfig(name="chest-xray", labels=("normal", "pneumonia"), input_shape=(1, 64, 64))).num_features
         4096
-        >>> catalog.spec(DatasetConfig(name="chest-xray"))
+        >>> catalog.spec(DatasetConfig(name="chest-xray"))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        fedcare.errors.ConfigError: plan.dataset: dataset 'chest-xray' is not bundled, so the plan must declare its labels and input_shape
+        fedcare.errors.ConfigError: plan.dataset.name: unknown dataset 'chest-xray'; bundled: ...; a dataset the sites describe in their own node.yaml needs the plan's dataset.labels and dataset.input_shape
         """
         if config.name in self._datasets:
             spec = self._datasets[config.name].spec(config)
@@ -414,17 +417,24 @@ class DatasetCatalog:
             return spec
         if config.labels is None or config.input_shape is None:
             raise ConfigError(
-                f"dataset {config.name!r} is not bundled, so the plan must declare its labels and input_shape",
-                field="plan.dataset",
+                f"unknown dataset {config.name!r}; bundled: {', '.join(self.names())}; a dataset the sites "
+                "describe in their own node.yaml needs the plan's dataset.labels and dataset.input_shape",
+                field="plan.dataset.name",
             )
         shape = tuple(config.input_shape)
+        image = len(shape) > 1
         return DataSpec(
             num_features=int(np.prod(shape)),
             num_classes=len(config.labels),
             feature_names=tuple(config.features or ()),
             class_names=tuple(config.labels),
-            input_shape=shape if len(shape) > 1 else (),
+            # Sites map image intensities into [0, 1] (their manifests' preprocess.intensity).
+            feature_bounds=((0.0, 1.0),) * shape[0] if image else (),
+            input_shape=shape if image else (),
         )
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._datasets
 
     def get(self, name: str) -> BundledDataset:
         """The dataset called ``name``.

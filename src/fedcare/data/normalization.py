@@ -2,7 +2,11 @@
 
 For federated normalization each site returns only its row count, per-feature
 sums and per-feature sums of squares; the coordinator turns those into a
-global mean and standard deviation. No row ever leaves the site.
+global mean and standard deviation. No row ever leaves the site. Images and
+volumes are normalized per channel: each example contributes the mean of its
+pixels and the mean of their squares, channel by channel, so the global
+statistics are those of every pixel of every image (all images of a
+federation have the plan's ``input_shape``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ from fedcare.tasks.base import SiteData, Split
 __all__ = [
     "FeatureStats",
     "Standardization",
+    "channel_moments",
+    "checked_bounds",
     "combine_feature_stats",
     "feature_stats",
+    "from_unit_moments",
     "private_feature_stats",
     "stats_sensitivity",
+    "unit_moments",
 ]
 
 
@@ -46,8 +54,19 @@ class Standardization:
     scale: np.ndarray
 
     def apply(self, split: Split) -> Split:
-        """Return a standardized copy of ``split`` (the input is not changed; ``time`` is kept)."""
-        x = (split.x - self.mean) / self.scale
+        """Return a standardized copy of ``split`` (the input is not changed; ``time`` is kept).
+
+        For images and volumes ``(n, C, ...)`` the mean and scale are per channel.
+
+        Examples
+        --------
+        >>> s = Standardization(mean=np.array([0.5]), scale=np.array([0.25]))
+        >>> images = Split(x=np.full((2, 1, 2, 2), 0.75, np.float32), y=np.array([0, 1]))
+        >>> s.apply(images).x[0, 0].tolist()
+        [[1.0, 1.0], [1.0, 1.0]]
+        """
+        shape = (-1,) + (1,) * (split.x.ndim - 2)  # (C, 1, 1) for images: per channel
+        x = (split.x - self.mean.reshape(shape)) / self.scale.reshape(shape)
         return Split(x=x.astype(np.float32, copy=False), y=split.y, time=split.time)
 
     def apply_site(self, data: SiteData) -> SiteData:
@@ -59,7 +78,8 @@ class Standardization:
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardization:
         """Standardization from one array's own statistics (constant features keep scale 1)."""
-        return _from_moments(len(x), x.sum(axis=0, dtype=np.float64), np.square(x, dtype=np.float64).sum(axis=0))
+        stats = feature_stats(x)
+        return _from_moments(stats.count, stats.sum, stats.sum_of_squares)
 
     def to_config(self) -> dict[str, list[float]]:
         """JSON-able form sent to the nodes in each job's config."""
@@ -86,13 +106,50 @@ class Standardization:
         return cls(mean=mean, scale=scale)
 
 
+def channel_moments(x: np.ndarray, *, bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's values and squares, ``(n, d)`` each; per channel means for images.
+
+    A table ``(n, d)`` gives ``x`` and ``x**2``; an image batch ``(n, C, ...)``
+    gives, per example and channel, the mean of its pixels and the mean of
+    their squares. With ``bounds = (low, high)`` (one pair per feature or
+    channel), values are first clipped to the bounds and mapped to ``u = (x -
+    mid) / (high - low)`` in ``[-1/2, 1/2]``.
+
+    Examples
+    --------
+    >>> m, q = channel_moments(np.array([[[[0.0, 1.0]]]]))   # one 1x1x2 image
+    >>> m.tolist(), q.tolist()
+    ([[0.5]], [[0.5]])
+    """
+    values = np.asarray(x, dtype=np.float64)
+    if bounds is not None:
+        low, high = bounds
+        shape = (1, -1) + (1,) * (values.ndim - 2)
+        width, middle = (high - low).reshape(shape), ((high + low) / 2).reshape(shape)
+        values = (np.clip(values, low.reshape(shape), high.reshape(shape)) - middle) / width
+    if values.ndim <= 2:
+        return values, np.square(values)
+    axes = tuple(range(2, values.ndim))
+    return values.mean(axis=axes), np.square(values).mean(axis=axes)
+
+
 def feature_stats(x: np.ndarray) -> FeatureStats:
-    """Row count, per-feature sums and sums of squares (float64)."""
-    return FeatureStats(
-        count=int(x.shape[0]),
-        sum=x.sum(axis=0, dtype=np.float64),
-        sum_of_squares=np.square(x, dtype=np.float64).sum(axis=0),
-    )
+    """Row count, per-feature sums and sums of squares (float64); per channel for images.
+
+    Examples
+    --------
+    >>> stats = feature_stats(np.ones((3, 2, 4, 4), np.float32))
+    >>> stats.count, stats.sum.tolist(), stats.sum_of_squares.tolist()
+    (3, [3.0, 3.0], [3.0, 3.0])
+    """
+    if x.ndim <= 2:
+        return FeatureStats(
+            count=int(x.shape[0]),
+            sum=x.sum(axis=0, dtype=np.float64),
+            sum_of_squares=np.square(x, dtype=np.float64).sum(axis=0),
+        )
+    values, squares = channel_moments(x)
+    return FeatureStats(count=int(x.shape[0]), sum=values.sum(axis=0), sum_of_squares=squares.sum(axis=0))
 
 
 #: With noisy statistics the standard deviation is kept above this share of a feature's public range.
@@ -130,7 +187,8 @@ def private_feature_stats(
     Parameters
     ----------
     x : numpy.ndarray
-        ``(n, d)`` training features; read only.
+        ``(n, d)`` training features, or ``(n, d, ...)`` images with ``d``
+        channels (each image contributes its per-channel pixel means); read only.
     bounds : sequence of (float, float)
         ``d`` public bounds, each with ``lo < hi``.
     noise_multiplier : float
@@ -156,19 +214,44 @@ def private_feature_stats(
     >>> round(float(stats.count), 3), round(float(stats.sum[0]), 3), round(float(stats.sum_of_squares[0]), 3)
     (100.0, 50.0, 50.0)
     """
+    low, high = checked_bounds(bounds, width=x.shape[1])
+    count, sum_u, squares_u = unit_moments(x, low=low, high=high)
+    scale = noise_multiplier * stats_sensitivity(x.shape[1])
+    count += rng.normal(0.0, scale)
+    sum_u += rng.normal(0.0, scale, size=x.shape[1])
+    squares_u += rng.normal(0.0, scale, size=x.shape[1])
+    return from_unit_moments(count, sum_u, squares_u, low=low, high=high)
+
+
+def checked_bounds(bounds: Sequence[tuple[float, float]], *, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` arrays of ``width`` public bounds.
+
+    Raises
+    ------
+    DataError
+        If ``bounds`` does not give one ``lo < hi`` pair per feature.
+    """
     low = np.array([b[0] for b in bounds], dtype=np.float64)
     high = np.array([b[1] for b in bounds], dtype=np.float64)
-    if low.shape != (x.shape[1],) or not (high > low).all():
+    if low.shape != (width,) or not (high > low).all():
         raise DataError(
-            f"feature statistics with differential privacy need one public (low, high) bound per feature, "
-            f"low < high; got {len(bounds)} bounds for {x.shape[1]} features"
+            f"feature statistics with differential privacy or secure aggregation need one public (low, high) "
+            f"bound per feature, low < high; got {len(bounds)} bounds for {width} features"
         )
+    return low, high
+
+
+def unit_moments(x: np.ndarray, *, low: np.ndarray, high: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(count, sum u, sum u**2)`` of the values mapped into ``[-1/2, 1/2]`` by their bounds."""
+    u, squares = channel_moments(x, bounds=(low, high))
+    return float(x.shape[0]), u.sum(axis=0), squares.sum(axis=0)
+
+
+def from_unit_moments(
+    count: float, sum_u: np.ndarray, squares_u: np.ndarray, *, low: np.ndarray, high: np.ndarray
+) -> FeatureStats:
+    """Map moments of ``u = (x - mid) / (high - low)`` back to the original units (post-processing)."""
     width, middle = high - low, (high + low) / 2
-    u = (np.clip(x, low, high, dtype=np.float64) - middle) / width
-    scale = noise_multiplier * stats_sensitivity(x.shape[1])
-    count = float(x.shape[0]) + rng.normal(0.0, scale)
-    sum_u = u.sum(axis=0) + rng.normal(0.0, scale, size=x.shape[1])
-    squares_u = np.square(u).sum(axis=0) + rng.normal(0.0, scale, size=x.shape[1])
     return FeatureStats(
         count=count,
         sum=middle * count + width * sum_u,

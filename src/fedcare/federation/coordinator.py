@@ -7,21 +7,25 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedcare import __version__
-from fedcare.data.normalization import FeatureStats, Standardization, combine_feature_stats
+from fedcare.data.normalization import FeatureStats, Standardization, combine_feature_stats, from_unit_moments
 from fedcare.errors import ConfigError, FedcareError, FederationError, ProtocolError, TransportError
+from fedcare.federation.participation import ApprovalGate
 from fedcare.federation.rundir import RunDirectory
 from fedcare.federation.secure_aggregation import SecureRound, masked_words, round_settings
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.metrics import aggregate_site_metrics
-from fedcare.params import Parameters
+from fedcare.params import Parameters, update_digest
 from fedcare.plan import Plan, plan_hash
 from fedcare.strategies.base import Strategy
 from fedcare.transport.base import Transport
+
+if TYPE_CHECKING:
+    from fedcare.federation.audit_log import AuditLog
 
 __all__ = ["Coordinator", "EvaluationSummary", "RunResult", "check_participation", "round_seed"]
 
@@ -71,6 +75,8 @@ class RunResult:
     privacy: dict[str, Any] = field(default_factory=dict)
     #: With record-level DP: the epsilon each site reports spent on the dataset (its ledger), latest.
     epsilon_spent: dict[str, float] = field(default_factory=dict)
+    #: The sites whose updates each round's aggregate holds, by round.
+    participation: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def final_evaluation(self) -> EvaluationSummary | None:
@@ -161,6 +167,15 @@ class Coordinator:
         Where the plan, events, checkpoints and final model go.
     on_event : callable, optional
         Called with each event dict as it is logged (progress bars, dashboards).
+    statistics_width : int, optional
+        The width of the normalization statistics (features of a table,
+        channels of an image: ``DataSpec.channels``); needed for federated
+        normalization under secure aggregation, whose vector length is fixed
+        before any site answers.
+    audit : AuditLog, optional
+        The coordinator's tamper-evident audit log (deployments): the run, the
+        sites' approvals and refusals, and the size and SHA-256 of every
+        update received.
 
     Examples
     --------
@@ -178,8 +193,12 @@ class Coordinator:
         run_dir: RunDirectory | None = None,
         on_event: EventCallback | None = None,
         run_id: str | None = None,
+        statistics_width: int | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.plan = plan
+        self.statistics_width = statistics_width
+        self.audit = audit
         self.strategy = strategy
         self.transport = transport
         self.initial_parameters = initial_parameters
@@ -188,6 +207,7 @@ class Coordinator:
         self._plan_hash = plan_hash(plan)
         self._run_id = run_id or uuid.uuid4().hex
         self._normalization: Standardization | None = None
+        self._gate = ApprovalGate(plan, transport=transport, emit=self._emit, audit=audit)
 
     # -- public ----------------------------------------------------------------
 
@@ -253,6 +273,9 @@ class Coordinator:
                 "first_round": first_round,
             }
         )
+        if self.audit is not None:
+            self.audit.append("run_started", run_id=self._run_id, plan_sha256=self._plan_hash, rounds=plan.rounds, first_round=first_round)
+        self._gate.wait(nodes)
         if plan.dataset.normalization == "federated" and self._normalization is None:
             self._normalization = self._federated_normalization(nodes, result)
 
@@ -278,6 +301,8 @@ class Coordinator:
         if self.run_dir is not None:
             self.run_dir.save_model(result.parameters, card)
         self._emit({"event": "run_end", "rounds_completed": result.rounds_completed, "wall_s": result.wall_s})
+        if self.audit is not None:
+            self.audit.append("run_finished", run_id=self._run_id, rounds_completed=result.rounds_completed)
         return result
 
     # -- phases ----------------------------------------------------------------
@@ -291,12 +316,14 @@ class Coordinator:
             If fewer than ``plan.min_nodes`` are reachable.
         """
         reachable = set(self.transport.nodes())
-        available = [node for node in nodes if node in reachable]
+        approved = set(self._gate.taking_part(nodes))
+        available = [node for node in nodes if node in reachable and node in approved]
         if len(available) < self.plan.min_nodes:
             missing = ", ".join(node for node in nodes if node not in reachable)
+            unapproved = ", ".join(node for node in nodes if node in reachable and node not in approved)
             raise FederationError(
-                f"only {len(available)} nodes are reachable, fewer than min_nodes={self.plan.min_nodes} "
-                f"(unreachable: {missing})",
+                f"only {len(available)} nodes are reachable and approved the plan, fewer than "
+                f"min_nodes={self.plan.min_nodes} (unreachable: {missing or 'none'}; not approved: {unapproved or 'none'})",
                 round=round_number,
             )
         return available
@@ -308,6 +335,8 @@ class Coordinator:
         return sorted(self.plan.nodes)
 
     def _federated_normalization(self, nodes: list[str], result: RunResult) -> Standardization:
+        if self.plan.secure_aggregation.enabled:
+            return self._secure_normalization(nodes, result)
         jobs = {node: self._job(0, node, JobKind.FEATURE_STATS) for node in self._available(nodes, 0)}
         stats: list[FeatureStats] = []
         for answer in self._exchange(jobs, result):
@@ -334,6 +363,59 @@ class Coordinator:
             )
         standardization = combine_feature_stats(stats)
         self._emit({"event": "normalization", "nodes": len(stats), "num_examples": round(sum(s.count for s in stats))})
+        return standardization
+
+    def _secure_normalization(self, nodes: list[str], result: RunResult) -> Standardization:
+        """Federated normalization through secure aggregation: only the sums over all sites are revealed.
+
+        Each site sends ``[count, sum u, sum u**2] / max_examples`` with ``u``
+        its values mapped into ``[-1/2, 1/2]`` by the public bounds, and weight
+        1; the total weight is the number of sites summed.
+        """
+        available = self._available(nodes, 0)
+        if len(available) < self.plan.min_nodes:
+            raise FederationError(
+                f"federated normalization needs at least {self.plan.min_nodes} nodes, {len(available)} are available",
+                round=0,
+            )
+        if self.statistics_width is None:
+            raise ConfigError(
+                "federated normalization under secure aggregation needs the coordinator's statistics_width",
+                field="plan.dataset.normalization",
+            )
+        length = 1 + 2 * self.statistics_width
+        secure = SecureRound(
+            config=self.plan.secure_aggregation, run_id=self._run_id, round_number=0, nodes=available, model_size=length
+        )
+        jobs = {node: self._job(0, node, JobKind.FEATURE_STATS, config={"secagg": secure.train_config(node)}) for node in available}
+        public: dict[str, Mapping[str, Any]] = {}
+        mean, weight, survivors = self._secure_total(secure, jobs, result, first_answers=public)
+        summed = [secure.node(i) for i in survivors]
+        bounds = {
+            (tuple(public[node].get("bounds_low", ())), tuple(public[node].get("bounds_high", ()))) for node in summed if node in public
+        }
+        if len(summed) < self.plan.min_nodes or len(bounds) != 1:
+            raise FederationError(
+                f"federated normalization needs one set of public bounds from at least {self.plan.min_nodes} nodes; "
+                f"{len(summed)} nodes were summed with {len(bounds)} different bounds",
+                round=0,
+            )
+        (low_values, high_values), = bounds
+        low, high = np.asarray(low_values, dtype=np.float64), np.asarray(high_values, dtype=np.float64)
+        width = (length - 1) // 2
+        if low.shape != (width,) or high.shape != (width,) or not (high > low).all():
+            raise FederationError("the sites' public bounds do not match the statistics' width", round=0)
+        total = mean * weight * self.plan.secure_aggregation.max_examples
+        stats = from_unit_moments(float(total[0]), total[1 : 1 + width], total[1 + width :], low=low, high=high)
+        standardization = combine_feature_stats([stats])
+        self._emit(
+            {
+                "event": "normalization",
+                "nodes": len(summed),
+                "num_examples": round(stats.count),
+                "secure_aggregation": {"phases": secure.server.phase_sizes(), "clipped": secure.num_clipped},
+            }
+        )
         return standardization
 
     def _train_round(
@@ -387,6 +469,11 @@ class Coordinator:
                 continue
             accepted[answer.node_id] = answer.num_examples
             result.train_examples[answer.node_id] = answer.num_examples
+            if self.audit is not None and answer.update is not None:
+                size, digest = update_digest(answer.update)
+                self.audit.update_received(
+                    run_id=self._run_id, round=round_number, peer=answer.node_id, size_bytes=size, sha256=digest
+                )
             if "train_loss" in answer.metrics:
                 losses.append((float(answer.metrics["train_loss"]), answer.num_examples))
         if len(accepted) < plan.min_nodes:
@@ -400,6 +487,7 @@ class Coordinator:
                 round=round_number,
             )
         new_parameters = self.strategy.finalize().freeze()
+        result.participation[round_number] = sorted(accepted)
         total = sum(n for _, n in losses)
         self._emit(
             {
@@ -438,14 +526,42 @@ class Coordinator:
             If the protocol cannot complete (fewer than the threshold remain at
             some phase); no partial sum is released.
         """
+        mean, weight, survivors = self._secure_total(secure, train_jobs, result)
+        self.strategy.accumulate(
+            Parameters.from_flat(mean.astype(np.float32), global_parameters.spec), weight=weight, node_id="secure-sum"
+        )
+        sizes = secure.server.phase_sizes()
+        accepted = {secure.node(i): 0 for i in survivors}
+        return accepted, {"secure_aggregation": {"phases": sizes, "clipped": secure.num_clipped}}
+
+    def _secure_total(
+        self,
+        secure: SecureRound,
+        first_jobs: Mapping[str, Job],
+        result: RunResult,
+        *,
+        first_answers: dict[str, Mapping[str, Any]] | None = None,
+    ) -> tuple[np.ndarray, float, list[int]]:
+        """Run the SecAgg+ phases after ``first_jobs`` (which return public keys): (weighted mean, weight, survivors).
+
+        With ``first_answers`` given, the data of each first answer is stored
+        in it by node (public values sent beside the keys).
+
+        Raises
+        ------
+        FederationError
+            If the protocol cannot complete; no partial sum is released.
+        """
         round_number = secure.round_number
         server = secure.server
         try:
-            keys = {
-                secure.index(answer.node_id): self._field(answer, "keys", result)
-                for answer in self._exchange(train_jobs, result)
-            }
-            keys = {i: k for i, k in keys.items() if k is not None}
+            keys = {}
+            for answer in self._exchange(first_jobs, result):
+                key = self._field(answer, "keys", result)
+                if key is not None:
+                    keys[secure.index(answer.node_id)] = key
+                    if first_answers is not None:
+                        first_answers[answer.node_id] = answer.data
             rosters = server.receive_keys(keys)
             shares = self._secure_phase(
                 secure, result, "share_keys", {i: {"roster": {str(j): a for j, a in r.items()}} for i, r in rosters.items()}
@@ -476,12 +592,7 @@ class Coordinator:
                 f"{result.rounds_completed} is intact",
                 round=round_number,
             ) from None
-        self.strategy.accumulate(
-            Parameters.from_flat(mean.astype(np.float32), global_parameters.spec), weight=weight, node_id="secure-sum"
-        )
-        sizes = server.phase_sizes()
-        accepted = {secure.node(i): 0 for i in survivors}
-        return accepted, {"secure_aggregation": {"phases": sizes, "clipped": secure.num_clipped}}
+        return mean, weight, list(survivors)
 
     def _secure_phase(
         self, secure: SecureRound, result: RunResult, phase: str, messages: Mapping[int, Mapping[str, Any]]
@@ -636,6 +747,8 @@ class Coordinator:
         result.failures.append(failure)
         logger.warning("node failed a job", extra={"node_id": answer.node_id, "round": answer.round})
         self._emit({"event": "node_failed", **failure})
+        if self.audit is not None:
+            self.audit.refusal(reason=f"round {answer.round} {answer.kind.value}: {message}"[:1000], peer=answer.node_id)
 
     def _emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}

@@ -181,7 +181,7 @@ class NodePrivacy:
         BudgetExceeded
             If the release would take the site past its budget.
         """
-        if len(self.spec.feature_bounds) != self.spec.num_features:
+        if len(self.spec.feature_bounds) != self.spec.channels:
             raise ConfigError(
                 "federated normalization with record-level DP needs public bounds for every feature, and this "
                 "dataset declares none; use normalization: none or per-site",

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcare.data.normalization import Standardization, feature_stats
+from fedcare.data.normalization import Standardization, checked_bounds, feature_stats, unit_moments
 from fedcare.errors import ConfigError, FedcareError, ProtocolError
 from fedcare.federation.control_variates import NodeControlVariate
 from fedcare.federation.differential_privacy import NodePrivacy
@@ -27,7 +27,7 @@ from fedcare.tasks.base import SiteData, Task, TrainHook
 from fedcare.tasks.hooks import ProximalTerm
 from fedcare.transport.base import NodeChannel
 
-__all__ = ["Node"]
+__all__ = ["Node", "RefusingNode"]
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +258,10 @@ class Node:
         return self._answer(job, update=masked_parameters(masked), metrics={"secagg_clipped": float(num_clipped)})
 
     def _feature_stats(self, job: Job) -> JobResult:
+        secure = job.config.get("secagg")
+        self.policy.check_secure_aggregation(enabled=secure is not None)
+        if secure is not None:
+            return self._secure_feature_stats(job, secure)
         if self._privacy is not None:
             private, _ = self._privacy.feature_stats(self._data.train.x, run_id=job.run_id, node_id=self.node_id)
             assert private.bounds is not None
@@ -277,6 +281,53 @@ class Node:
             job,
             num_examples=stats.count,
             statistics={"sum": tuple(stats.sum.tolist()), "sum_of_squares": tuple(stats.sum_of_squares.tolist())},
+        )
+
+    def _secure_feature_stats(self, job: Job, secure: Any) -> JobResult:
+        """Start a secure sum of ``[count, sum u, sum u**2] / max_examples`` (``u`` in [-1/2, 1/2]).
+
+        Each site weighs 1, so the coordinator learns only the sums over all
+        sites, and maps them back to the original units with the public bounds.
+        """
+        spec = self._data.spec
+        if len(spec.feature_bounds) != spec.channels:
+            raise ConfigError(
+                "federated normalization with secure aggregation needs public bounds for every feature, and this "
+                "dataset declares none; use normalization: per-site or none",
+                field="plan.dataset.normalization",
+            )
+        low, high = checked_bounds(spec.feature_bounds, width=spec.channels)
+        x = self._data.train.x
+        max_examples = int(secure.get("max_examples", 0))
+        if len(x) > max_examples:
+            raise ConfigError(
+                f"this site trains on more examples than secure_aggregation.max_examples ({max_examples}); "
+                "raise it in the plan",
+                field="plan.secure_aggregation.max_examples",
+            )
+        metrics: dict[str, float] = {}
+        if self._privacy is not None:
+            private, _ = self._privacy.feature_stats(x, run_id=job.run_id, node_id=self.node_id)
+            width, middle = high - low, (high + low) / 2
+            count = float(private.count)
+            sum_u = (private.sum - middle * count) / width
+            squares_u = (private.sum_of_squares - middle**2 * count - 2 * middle * width * sum_u) / width**2
+            metrics = dict(self._privacy.summary())
+        else:
+            count, sum_u, squares_u = unit_moments(x, low=low, high=high)
+        vector = np.concatenate([[count], sum_u, squares_u]) / max_examples
+        keys = self._secure.start(
+            config=secure,
+            run_id=job.run_id,
+            round_number=job.round,
+            update=vector,
+            num_examples=max_examples,
+            statistics=True,
+        )
+        return self._answer(
+            job,
+            data={"keys": keys, "bounds_low": low.tolist(), "bounds_high": high.tolist()},
+            metrics=metrics,
         )
 
     # -- helpers ---------------------------------------------------------------
@@ -322,7 +373,7 @@ class Node:
         if mode == "per-site":
             standardization = Standardization.fit(self._data.train.x)
         else:
-            standardization = Standardization.from_config(value, num_features=self._data.spec.num_features)
+            standardization = Standardization.from_config(value, num_features=self._data.spec.channels)
         prepared = standardization.apply_site(self._data)
         self._prepared = (key, prepared)
         return prepared
@@ -338,6 +389,41 @@ class Node:
             job,
             error=message[:_MAX_ERROR_CHARS],
         )
+
+
+class RefusingNode:
+    """A site that has refused the plan: it answers every job with the same reason, and trains nothing.
+
+    A site whose data cannot serve the plan (local labels it has not mapped
+    onto the plan's vocabulary, no readable records) still answers, so that
+    the coordinator records the specific reason instead of a silent absence.
+
+    Examples
+    --------
+    >>> from fedcare.messages import Job, JobKind
+    >>> node = RefusingNode("st-mary", reason="local labels not mapped: 'Effusion' (12)")
+    >>> node.handle(Job("run", 1, "j1", JobKind.TRAIN, plan_hash="0" * 64)).error
+    "st-mary refuses the plan: local labels not mapped: 'Effusion' (12)"
+    """
+
+    def __init__(self, node_id: str, *, reason: str) -> None:
+        self.node_id = node_id
+        self.reason = reason
+
+    def serve(self, channel: NodeChannel, *, poll_s: float = 0.5) -> None:
+        """Answer jobs with the refusal until the channel closes."""
+        while not channel.closed:
+            job = channel.pull_job(timeout_s=poll_s)
+            if job is not None:
+                channel.push_result(self.handle(job))
+
+    def handle(self, job: Job) -> JobResult:
+        """The refusal, as the result of ``job``."""
+        message = f"{self.node_id} refuses the plan: {self.reason}"
+        return JobResult(
+            run_id=job.run_id, round=job.round, job_id=job.job_id, kind=job.kind, node_id=self.node_id,
+            error=message[:_MAX_ERROR_CHARS],
+        )  # fmt: skip
 
 
 def _with_duration(result: JobResult, duration_s: float) -> JobResult:

@@ -367,7 +367,14 @@ class NodeSecureAggregation:
         return RoundContext(session=session, params=params, clip=clip, scale=scale), index, max_examples
 
     def start(
-        self, *, config: Mapping[str, Any], run_id: str, round_number: int, update: np.ndarray, num_examples: int
+        self,
+        *,
+        config: Mapping[str, Any],
+        run_id: str,
+        round_number: int,
+        update: np.ndarray,
+        num_examples: int,
+        statistics: bool = False,
     ) -> dict[str, str]:
         """Keep the round's weighted, clipped update and return this node's public keys.
 
@@ -381,6 +388,8 @@ class NodeSecureAggregation:
         ProtocolError, ConfigError
             As :meth:`context_from`, or if the update's length is not the
             announced one, or the DP settings fall short of the approved plan's.
+            With ``statistics=True`` (a normalization-statistics vector, not a
+            model update) distributed-DP settings are neither required nor applied.
         PolicyViolation
             If fewer sites than the policy's minimum were announced.
         """
@@ -395,8 +404,11 @@ class NodeSecureAggregation:
                 f"the round sums vectors of {context.params.vector_length} values, the model has {update.size} + 1",
                 field="secagg.vector_length",
             )
-        dp = self.dp_settings(config)
-        self._check_dp_against_plan(dp)
+        # Site-level DP bounds a site's model update; a statistics vector (federated normalization,
+        # the node's own choice by job kind) is summed as it is.
+        dp = None if statistics else self.dp_settings(config)
+        if not statistics:
+            self._check_dp_against_plan(dp)
         values = np.empty(context.params.vector_length, dtype=np.float64)
         if dp is None:
             weight = min(num_examples, max_examples) / max_examples

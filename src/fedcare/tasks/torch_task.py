@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from fedcare.tasks.base import DataSpec, Split, Task, TrainHook, TrainResult
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchClassificationTask", "planned_steps"]
+__all__ = ["TorchClassificationTask", "balanced_class_weights", "planned_steps"]
 
 
 class TorchClassificationTask(Task):
@@ -27,7 +27,46 @@ class TorchClassificationTask(Task):
     and binary cross-entropy; multi-class tasks use cross-entropy. Batches are
     drawn from a ``numpy.random.Generator`` seeded by the coordinator, so a
     run is reproducible whatever the transport and thread schedule.
+
+    Subclasses may override :meth:`augment` to change each training batch
+    (imaging tasks flip and shift images); by default batches are used as
+    they are. With ``plan.local.class_weighting: balanced`` each example's
+    loss is weighted by :func:`balanced_class_weights` of the site's labels.
     """
+
+    def augment(self, x: torch.Tensor, plan: Plan, *, generator: torch.Generator) -> torch.Tensor:
+        """Return the training batch ``x`` to train on; the default returns it unchanged.
+
+        Called on every training batch, in both training loops (plain and
+        DP-SGD), never in :meth:`evaluate`. ``generator`` is seeded from the
+        round's training seed, so an override that draws only from it is
+        reproducible. An override must not modify ``x`` in place.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(batch, *input_shape)`` float32 examples.
+        plan : Plan
+            The run's plan (augmentation options live in ``plan.model``).
+        generator : torch.Generator
+            The only source of randomness to draw from.
+
+        Returns
+        -------
+        torch.Tensor
+            A batch of the same shape.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from fedcare.plan import parse_plan
+        >>> from fedcare.tasks.tabular import MLPTask
+        >>> plan = parse_plan({"task": "tabular-mlp", "dataset": {"name": "x"}, "rounds": 1})
+        >>> x = torch.ones(2, 3)
+        >>> MLPTask().augment(x, plan, generator=torch.Generator()) is x
+        True
+        """
+        return x
 
     @abc.abstractmethod
     def make_module(self, spec: DataSpec, plan: Plan) -> torch.nn.Module:
@@ -116,11 +155,22 @@ class TorchClassificationTask(Task):
         optimizer = make_optimizer(model, plan)
         batch = min(local.batch_size, n)
         total_steps = planned_steps(n, local)
+        weights: torch.Tensor | None = None
+        if local.class_weighting == "balanced":
+            classes = 2 if binary else model_outputs(model)
+            weights = torch.from_numpy(balanced_class_weights(data.y, num_classes=classes))
+        augmentation = torch.Generator()
+        augmentation.manual_seed(_augmentation_seed(seed))
+
+        def augment(xb: torch.Tensor) -> torch.Tensor:
+            return self.augment(xb, plan, generator=augmentation)
+
         model.train()
         if any(hook.needs_data_loader for hook in hooks):
             return _train_from_loader(
-                model, optimizer, x, y, loss_fn, binary=binary, batch=batch, seed=seed, total_steps=total_steps, hooks=hooks
-            )
+                model, optimizer, x, y, loss_fn, binary=binary, batch=batch, seed=seed, total_steps=total_steps,
+                hooks=hooks, augment=augment, weights=weights,
+            )  # fmt: skip
         rng = np.random.default_rng(seed)
         steps = 0
         loss_sum = 0.0
@@ -133,12 +183,15 @@ class TorchClassificationTask(Task):
                 position = 0
             index = torch.from_numpy(order[position : position + batch])
             position += batch
-            xb, yb = x[index], y[index]
+            xb, yb = augment(x[index]), y[index]
             optimizer.zero_grad(set_to_none=True)
             output = model(xb)
             if binary:
                 output = output.reshape(-1)
-            loss = loss_fn(output, yb)
+            if weights is None:
+                loss = loss_fn(output, yb)
+            else:
+                loss = (loss_fn(output, yb, reduction="none") * weights[yb.long()]).mean()
             for hook in hooks:
                 loss = hook.on_loss(model, loss)
             loss.backward()
@@ -177,6 +230,44 @@ def planned_steps(num_examples: int, local: LocalTraining) -> int:
     return -(-num_examples // batch) * (local.epochs or 1)
 
 
+def balanced_class_weights(y: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """Loss weight of each class, ``n / (classes present * n_class)`` (scikit-learn's ``balanced``).
+
+    A class absent from ``y`` gets weight 1 (it weighs no example anyway).
+
+    Parameters
+    ----------
+    y : numpy.ndarray
+        ``(n,)`` integer labels of the site's training split.
+    num_classes : int
+        Number of classes of the task.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(num_classes,)`` float32 weights.
+
+    Examples
+    --------
+    >>> balanced_class_weights(np.array([0, 1, 1, 1]), num_classes=2).tolist()
+    [2.0, 0.6666666865348816]
+    """
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_classes, dtype=np.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.astype(np.float32)
+
+
+def _augmentation_seed(seed: int) -> int:
+    """The augmentation generator's seed: derived from the round seed, apart from the batch order's stream."""
+    return int(np.random.SeedSequence(seed, spawn_key=(0x41554731,)).generate_state(1)[0])
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _train_from_loader(
     model: Any,
     optimizer: Any,
@@ -189,6 +280,8 @@ def _train_from_loader(
     seed: int,
     total_steps: int,
     hooks: Sequence[TrainHook],
+    augment: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    weights: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train from a shuffling ``DataLoader`` that the hooks may replace (DP-SGD's Poisson sampling)."""
     import torch
@@ -211,11 +304,14 @@ def _train_from_loader(
                 batches = iter(loader)
                 continue
             optimizer.zero_grad(set_to_none=True)
-            output = trained(xb)
+            output = trained(augment(xb) if len(yb) else xb)
             if binary:
                 output = output.reshape(-1)
             # A Poisson batch may be empty: its step still adds noise, from a zero (not NaN) loss.
-            loss = loss_fn(output, yb, reduction="sum") / max(len(yb), 1)
+            if weights is None:
+                loss = loss_fn(output, yb, reduction="sum") / max(len(yb), 1)
+            else:
+                loss = (loss_fn(output, yb, reduction="none") * weights[yb.long()]).sum() / max(len(yb), 1)
             for hook in hooks:
                 loss = hook.on_loss(trained, loss)
             loss.backward()

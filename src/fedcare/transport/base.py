@@ -63,6 +63,14 @@ class Transport(abc.ABC):
         passed; results of other (stale) jobs are dropped.
         """
 
+    def statuses(self) -> dict[str, tuple[str, str]]:
+        """Each node's answer to the plan (``pending``, ``approved``, ``rejected``, ``refused``) and its reason.
+
+        Transports whose nodes approve nothing themselves (in-process
+        simulations) report none: every node counts as approved.
+        """
+        return {}
+
     def close(self) -> None:
         """Release the links; nodes see their channel close."""
 

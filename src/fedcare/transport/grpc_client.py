@@ -8,6 +8,7 @@ checked before use.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -110,6 +111,7 @@ class GrpcNodeChannel(NodeChannel):
     ) -> None:
         certs = Path(certs_dir)
         self.name = name
+        self._certs = certs
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=pki.read_pem(certs / "ca.pem"),
             private_key=pki.read_pem(certs / f"{name}.key"),
@@ -126,6 +128,7 @@ class GrpcNodeChannel(NodeChannel):
         self.heartbeat_interval_s = 1.0
         self.resumed_transfers = 0
         self._heartbeat: threading.Thread | None = None
+        self._status = ("", "")
 
     # -- joining ---------------------------------------------------------------
 
@@ -159,6 +162,48 @@ class GrpcNodeChannel(NodeChannel):
             self._heartbeat.start()
         logger.info("joined the federation", extra={"node_id": self.name})
         return plan
+
+    def report_status(self, status: str, reason: str = "") -> None:
+        """Tell the coordinator this site's answer to the plan; repeated with every heartbeat.
+
+        ``status`` is ``pending`` (waiting for the site's approval),
+        ``approved``, ``rejected`` or ``refused`` (the plan breaks the site's
+        policy), with ``reason`` for the last two.
+        """
+        self._status = (status, reason)
+        try:
+            self._stub.Heartbeat(
+                pb.HeartbeatRequest(run_id=self.run_id, status=status, reason=reason), timeout=10
+            )
+        except grpc.RpcError:
+            pass  # the heartbeat thread repeats it
+
+    def coordinator_certificate_sha256(self) -> str:
+        """The SHA-256 of the certificate the coordinator presents, from a TLS handshake with this node's certificate.
+
+        Raises
+        ------
+        TransportError
+            If the coordinator cannot be reached or its certificate is not from the federation's CA.
+        """
+        import socket
+        import ssl
+
+        host, _, port = self._target.rpartition(":")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(self._certs / "ca.pem"))
+        context.load_cert_chain(str(self._certs / f"{self.name}.pem"), str(self._certs / f"{self.name}.key"))
+        context.check_hostname = False  # the federation's CA is checked; the pin is the whole certificate
+        context.set_alpn_protocols(["h2"])
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname=host.strip("[]")) as tls:
+                    der = tls.getpeercert(binary_form=True)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot read the coordinator's certificate: {exc}") from None
+        if der is None:
+            raise TransportError("the coordinator presented no certificate")
+        return hashlib.sha256(der).hexdigest()
 
     # -- NodeChannel -------------------------------------------------------------
 
@@ -283,7 +328,11 @@ class GrpcNodeChannel(NodeChannel):
     def _beat(self) -> None:
         while not self._closed.wait(self.heartbeat_interval_s):
             try:
-                reply = self._stub.Heartbeat(pb.HeartbeatRequest(run_id=self.run_id), timeout=self.heartbeat_interval_s * 3)
+                status, reason = self._status
+                reply = self._stub.Heartbeat(
+                    pb.HeartbeatRequest(run_id=self.run_id, status=status, reason=reason),
+                    timeout=self.heartbeat_interval_s * 3,
+                )
                 if reply.shutdown:
                     self._closed.set()
             except grpc.RpcError:

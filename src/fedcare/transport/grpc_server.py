@@ -78,6 +78,11 @@ class _NodeState:
     last_seen: float = 0.0
     polls: int = 0
     joined: bool = False
+    #: The site's answer to the plan, from its heartbeats ("pending", "approved", "rejected", "refused").
+    status: str = ""
+    reason: str = ""
+    #: SHA-256 of the node's certificate (DER), for the coordinator's audit log.
+    certificate_sha256: str = ""
 
 
 class GrpcTransport(Transport):
@@ -173,6 +178,19 @@ class GrpcTransport(Transport):
     def nodes(self) -> list[str]:
         with self._lock:
             return sorted(n for n, state in self._nodes.items() if state.joined and self._alive(state))
+
+    def statuses(self) -> dict[str, tuple[str, str]]:
+        """Each joined node's answer to the plan and its reason, as its heartbeats report them.
+
+        A node that joined and has not answered yet is ``unknown``.
+        """
+        with self._lock:
+            return {n: (state.status or "unknown", state.reason) for n, state in self._nodes.items() if state.joined}
+
+    def peer_certificates(self) -> dict[str, str]:
+        """The SHA-256 of each joined node's certificate."""
+        with self._lock:
+            return {n: state.certificate_sha256 for n, state in self._nodes.items() if state.joined}
 
     def wait_for_nodes(self, count: int, *, timeout_s: float) -> list[str]:
         """Block until ``count`` admitted nodes have joined or ``timeout_s`` passes."""
@@ -288,6 +306,8 @@ class GrpcTransport(Transport):
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, f"refused: {refusal.reason.value}")
         state = self._nodes[node_id]
         state.last_seen = time.monotonic()
+        if not state.certificate_sha256 and pem is not None:
+            state.certificate_sha256 = pki.certificate_sha256(pem)
         return state
 
     def _complete(self, job_id: str, result: JobResult) -> None:
@@ -458,7 +478,12 @@ class _Servicer(pb_grpc.FederationServicer):
         return pb.UploadReply(received_bytes=upload.received, complete=True)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:  # noqa: N802
-        self.t._admit(context)
+        state = self.t._admit(context)
+        if request.status:
+            changed = (state.status, state.reason) != (request.status, request.reason)
+            state.status, state.reason = request.status[:32], request.reason[:500]
+            if changed:
+                logger.info("node %s: plan %s", state.node_id, state.status, extra={"node_id": state.node_id, "status": state.status})
         return pb.HeartbeatReply(shutdown=self.t._shutdown.is_set())
 
 

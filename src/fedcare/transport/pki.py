@@ -51,6 +51,7 @@ __all__ = [
     "AdmissionReason",
     "AdmissionRefused",
     "IssuedCertificate",
+    "certificate_sha256",
     "check_peer_certificate",
     "classify_handshake_failure",
     "common_name",
@@ -242,6 +243,17 @@ def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
         raise ConfigError(f"{path.name} holds no valid PEM certificate; re-issue it") from None
+
+
+def certificate_sha256(pem: bytes | str) -> str:
+    """The SHA-256 fingerprint (lower-case hex) of a PEM certificate's DER encoding.
+
+    This is what a site pins as its policy's ``coordinator_fingerprint``
+    (``fedcare certs fingerprint`` prints it).
+    """
+    data = pem.encode() if isinstance(pem, str) else pem
+    cert = x509.load_pem_x509_certificate(data)
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def common_name(cert: x509.Certificate) -> str:
