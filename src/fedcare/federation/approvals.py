@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fedcare.errors import ConfigError, DataError
+from fedcare.federation.rundir import atomic_write
 from fedcare.plan import Plan, plan_hash
 
 __all__ = ["PlanApprovals", "PlanRecord", "PlanStatus", "plan_summary"]
@@ -131,7 +130,7 @@ class PlanApprovals:
         if known is not None:
             return known
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.directory / f"{digest}.plan.json", json.dumps(plan.model_dump(mode="json"), indent=2, sort_keys=True))
+        atomic_write(self.directory / f"{digest}.plan.json", json.dumps(plan.model_dump(mode="json"), indent=2, sort_keys=True).encode())
         record = PlanRecord(plan_hash=digest, status="pending", summary=plan_summary(plan), received_at=_now())
         if auto_approve:
             record = PlanRecord(**{**asdict(record), "status": "approved", "decided_at": _now(), "decided_by": "auto-approve"})
@@ -225,17 +224,4 @@ class PlanApprovals:
         return decided
 
     def _write(self, record: PlanRecord) -> None:
-        _atomic_write(self.directory / f"{record.plan_hash}.json", json.dumps(asdict(record), indent=2, sort_keys=True))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        atomic_write(self.directory / f"{record.plan_hash}.json", json.dumps(asdict(record), indent=2, sort_keys=True).encode())

@@ -88,6 +88,6 @@ class NodeControlVariate:
             return
         from safetensors.numpy import save
 
-        from fedcare.federation.rundir import _atomic_write
+        from fedcare.federation.rundir import atomic_write
 
-        _atomic_write(self.path, save({"c": self._own}, metadata={"run_id": self._run_id}))
+        atomic_write(self.path, save({"c": self._own}, metadata={"run_id": self._run_id}))

@@ -30,7 +30,7 @@ from fedcare.errors import DataError
 from fedcare.params import Parameters
 from fedcare.plan import Plan
 
-__all__ = ["RunDirectory"]
+__all__ = ["RunDirectory", "atomic_write"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -43,7 +43,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -104,7 +104,7 @@ class RunDirectory:
         import yaml
 
         text = yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False)
-        _atomic_write(self.path / "plan.yaml", text.encode())
+        atomic_write(self.path / "plan.yaml", text.encode())
 
     def log_event(self, event: dict[str, Any]) -> None:
         """Append one event to ``metrics.jsonl`` (NaN and Inf become null)."""
@@ -136,15 +136,15 @@ class RunDirectory:
         if strategy_state:
             from safetensors.numpy import save
 
-            _atomic_write(
+            atomic_write(
                 self.strategy_state_path,
                 save({name: np.ascontiguousarray(v) for name, v in strategy_state.items()}, metadata={"round": str(round)}),
             )
         else:
             self.strategy_state_path.unlink(missing_ok=True)  # a stale one from an earlier run must not be resumed
-        _atomic_write(self.checkpoint_path, parameters.to_bytes())
+        atomic_write(self.checkpoint_path, parameters.to_bytes())
         meta = {"round": round, **state}
-        _atomic_write(self.checkpoint_path.with_suffix(".json"), json.dumps(_jsonable(meta)).encode())
+        atomic_write(self.checkpoint_path.with_suffix(".json"), json.dumps(_jsonable(meta)).encode())
 
     def load_checkpoint(self) -> tuple[int, Parameters, dict[str, Any]] | None:
         """The last completed round, its parameters and state; None if there is none.
@@ -193,5 +193,5 @@ class RunDirectory:
 
     def save_model(self, parameters: Parameters, card: dict[str, Any]) -> None:
         """Write the final model and its model card."""
-        _atomic_write(self.model_path, parameters.to_bytes())
-        _atomic_write(self.model_card_path, json.dumps(_jsonable(card), indent=2).encode())
+        atomic_write(self.model_path, parameters.to_bytes())
+        atomic_write(self.model_card_path, json.dumps(_jsonable(card), indent=2).encode())

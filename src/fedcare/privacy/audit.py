@@ -42,7 +42,7 @@ import numpy as np
 
 from fedcare.data.catalog import DatasetCatalog
 from fedcare.errors import ConfigError, DataError, ProtocolError
-from fedcare.federation.rundir import _atomic_write
+from fedcare.federation.rundir import atomic_write
 from fedcare.params import Parameters
 from fedcare.plan import Plan, load_plan
 from fedcare.tasks.base import DataSpec, SiteData, Split
@@ -532,7 +532,7 @@ def audit_run(
         sites=results,
         wall_s=time.perf_counter() - started,
     )
-    _atomic_write(path / AUDIT_FILENAME, json.dumps(audit.to_dict(), indent=2).encode())
+    atomic_write(path / AUDIT_FILENAME, json.dumps(audit.to_dict(), indent=2).encode())
     logger.info("privacy audit finished", extra={"sites": len(results)})
     return audit
 
