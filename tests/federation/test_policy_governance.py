@@ -153,3 +153,17 @@ def test_the_node_command_lists_approves_and_rejects(tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "no received plan" in unknown.output
     tasks = runner.invoke(app, ["node", "tasks", "--json"])
     assert tasks.exit_code == 0 and INSTALLED.sha256 in tasks.output
+
+
+def test_statistics_the_policy_does_not_list_never_leave_the_site() -> None:
+    from fedcare.simulation import simulate
+
+    plan = parse_plan({"task": "tabular-logistic", "dataset": {"name": "heart-disease", "normalization": "per-site"},
+                       "rounds": 1})  # fmt: skip
+    quiet = NodePolicy(allowed_statistics=("feature_statistics",))
+    result = simulate(plan, policies={"cleveland": quiet})
+    # No training loss from cleveland, and its evaluation is refused naming the policy key.
+    [refusal] = [f for f in result.failures if f["node_id"] == "cleveland"]
+    assert refusal["kind"] == "evaluate" and "policy.allowed_statistics" in refusal["error"]
+    assert result.final_evaluation is not None and "cleveland" not in result.final_evaluation.sites
+    assert result.train_examples["cleveland"] > 0  # its update still counts

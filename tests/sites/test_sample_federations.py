@@ -152,3 +152,31 @@ def test_a_plan_for_site_manifests_must_list_its_nodes() -> None:
     with pytest.raises(ConfigError, match="must list its nodes") as caught:
         check_plan(plan)
     assert caught.value.field == "plan.nodes"
+
+
+def test_a_messy_site_reports_skips_and_still_trains_in_the_federation(tmp_path: Path) -> None:
+    from tests.data.test_corrupt_site import imagefolder_mess
+
+    messy = imagefolder_mess(tmp_path / "messy", "skip")  # corrupt, truncated and non-image files, a mislabeled folder
+    clean = tmp_path / "clean" / "images"
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("NORMAL", "SICK"):
+        (clean / label).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(clean / label / f"c{i}_0.png")
+    sites = [
+        _write_site(tmp_path / "messy", "messy", messy.model_dump(mode="json")),
+        _write_site(tmp_path / "clean", "clean", {"format": "imagefolder", "path": "images",
+                                                  "label_map": {"NORMAL": "normal", "SICK": "abnormal"}}),
+    ]  # fmt: skip
+    plan = parse_plan(
+        {"task": "image-cnn", "rounds": 2, "nodes": ["messy", "clean"], "min_nodes": 2, "seed": 0,
+         "dataset": {"name": "samples", "labels": ["normal", "abnormal"], "input_shape": [1, 32, 32]},
+         "local": {"epochs": 1, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.01},
+         "evaluation": {"every_rounds": 2}}
+    )  # fmt: skip
+    result = simulate(plan, catalog=manifest_catalog(plan, [load_node_config(p) for p in sites]))
+    assert result.rounds_completed == 2 and not result.failures
+    assert result.train_examples["messy"] > 0 and result.train_examples["clean"] > 0

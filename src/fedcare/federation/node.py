@@ -154,7 +154,8 @@ class Node:
                 raise ProtocolError(f"unknown job kind {job.kind!r}")
         except FedcareError as exc:
             logger.warning("job refused or failed", extra={**context, "error_type": type(exc).__name__})
-            result = self._failure(job, exc.message)
+            # The field names the rule (policy.allowed_statistics, ...): the coordinator learns which.
+            result = self._failure(job, f"{exc.field}: {exc.message}" if exc.field else exc.message)
         except Exception as exc:  # a task's own failure: report it, keep serving
             logger.warning("task raised", extra={**context, "error_type": type(exc).__name__})
             result = self._failure(job, f"task raised {type(exc).__name__}: {exc}")
@@ -224,17 +225,21 @@ class Node:
                 config=secure, run_id=job.run_id, round_number=job.round, update=delta, num_examples=outcome.num_examples
             )
             return self._answer(job, data={"keys": keys}, metrics={"steps": float(outcome.steps), **privacy_metrics})
+        training_metrics = (
+            {**outcome.metrics, **personal_metrics} if "training_metrics" in self.policy.allowed_statistics else {}
+        )
         return self._answer(
             job,
             update=Parameters.from_flat(delta, new.spec),
             num_examples=outcome.num_examples,
-            metrics={**outcome.metrics, "steps": float(outcome.steps), **privacy_metrics, **personal_metrics},
+            metrics={**training_metrics, "steps": float(outcome.steps), **privacy_metrics},
             data=side,
         )
 
     def _evaluate(self, job: Job) -> JobResult:
         if job.parameters is None:
             raise ProtocolError("an evaluation job must carry the global parameters")
+        self.policy.check_statistic("evaluation_metrics")
         model = self._model_with(job.parameters)
         data = self._prepare(job.config)
         epochs = self.plan.evaluation.fine_tune_epochs
@@ -258,6 +263,7 @@ class Node:
         return self._answer(job, update=masked_parameters(masked), metrics={"secagg_clipped": float(num_clipped)})
 
     def _feature_stats(self, job: Job) -> JobResult:
+        self.policy.check_statistic("feature_statistics")
         secure = job.config.get("secagg")
         self.policy.check_secure_aggregation(enabled=secure is not None)
         if secure is not None:
