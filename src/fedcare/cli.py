@@ -124,6 +124,18 @@ def _site_table(
     return table
 
 
+def _approval_line(event: dict[str, Any]) -> str:
+    """The sites' answers to the plan, as the coordinator shows them."""
+    parts = []
+    if event["pending"]:
+        parts.append(f"waiting for approval: {', '.join(event['pending'])}")
+    for verdict in ("rejected", "refused"):
+        parts.extend(f"{node} {verdict}: {reason}" for node, reason in event[verdict].items())
+    if event["approved"]:
+        parts.append(f"approved: {', '.join(event['approved'])}")
+    return "; ".join(parts)
+
+
 def _with_event_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], None] | None], Any], show: bool) -> Any:
     if not show:
         return run(None)
@@ -155,6 +167,8 @@ def _with_event_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], No
                     progress.update(bar, status=f"mean site accuracy {accuracy:.3f}")
                 elif c_index is not None and not math.isnan(c_index):
                     progress.update(bar, status=f"mean site C-index {c_index:.3f}")
+            elif kind == "approval":
+                progress.console.print(_approval_line(event), highlight=False)
             elif kind in ("node_failed", "node_late"):
                 progress.console.print(
                     f"[yellow]round {event['round']}: node {event['node_id']} "
@@ -280,6 +294,10 @@ def serve(
             (Path(out_dir) / "endpoint.json").write_text(json.dumps({"host": host, "port": port}))
             _errors.print(f"listening on {host}:{port}", highlight=False)
 
+        def show_approvals(event: dict[str, Any]) -> None:
+            if event["event"] == "approval":
+                _errors.print(_approval_line(event), highlight=False, soft_wrap=True)
+
         result = serve_plan(
             loaded,
             listen=listen,
@@ -288,6 +306,7 @@ def serve(
             wait_for_nodes_s=wait_for_nodes_s,
             on_listening=listening,
             capture_handshake_log=True,
+            on_event=show_approvals,
         )
     summary = _summary(result)
     summary["wall_s"] = time.perf_counter() - started

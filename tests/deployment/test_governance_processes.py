@@ -97,7 +97,9 @@ def test_sites_approve_reject_and_refuse_and_both_audit_logs_agree(tmp_path: Pat
     assert all(set(nodes) <= {"approves", "late"} for nodes in took_part.values())
     assert summary["participation"][str(ROUNDS)] == ["approves", "late"]
 
-    # The coordinator heard every answer, with its reason.
+    # The coordinator heard every answer, with its reason, and showed who was still pending.
+    shown = coordinator.stderr()
+    assert "waiting for approval:" in shown and "rejects rejected: the site rejected the plan" in shown
     final = [e for e in events if e["event"] == "approval"][-1]
     assert final["approved"] == ["approves", "late"]
     assert final["pending"] == ["unapproved"]
