@@ -23,7 +23,7 @@ import torch
 from fedcare.errors import ConfigError
 from fedcare.plan import Plan
 from fedcare.tasks.base import DataSpec
-from fedcare.tasks.torch_task import TorchClassificationTask
+from fedcare.tasks.torch_task import TorchClassificationTask, dropout
 
 __all__ = ["ImageCNNTask", "ImageResNet18Task", "VolumeCNN3DTask", "augment_batch"]
 
@@ -169,7 +169,7 @@ class _ImagingTask(TorchClassificationTask):
             channels = out
         layers += [adaptive(1), torch.nn.Flatten()]
         if plan.model.dropout > 0:
-            layers.append(torch.nn.Dropout(plan.model.dropout))
+            layers.append(dropout(plan.model.dropout))
         layers.append(torch.nn.Linear(channels, _outputs(spec)))
         return torch.nn.Sequential(*layers)
 
@@ -273,7 +273,7 @@ class ImageResNet18Task(_ImagingTask):
             channels = out
         layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
         if plan.model.dropout > 0:
-            layers.append(torch.nn.Dropout(plan.model.dropout))
+            layers.append(dropout(plan.model.dropout))
         layers.append(torch.nn.Linear(channels, _outputs(spec)))
         return torch.nn.Sequential(*layers)
 

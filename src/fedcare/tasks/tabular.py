@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from fedcare.plan import Plan
 from fedcare.tasks.base import DataSpec
-from fedcare.tasks.torch_task import TorchClassificationTask
+from fedcare.tasks.torch_task import TorchClassificationTask, dropout
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,6 @@ class MLPTask(TorchClassificationTask):
             layers.append(torch.nn.BatchNorm1d(plan.model.hidden_units))
         layers.append(torch.nn.ReLU())
         if plan.model.dropout > 0:
-            layers.append(torch.nn.Dropout(plan.model.dropout))
+            layers.append(dropout(plan.model.dropout))
         layers.append(torch.nn.Linear(plan.model.hidden_units, _outputs(spec)))
         return torch.nn.Sequential(*layers)

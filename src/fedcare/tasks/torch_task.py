@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from fedcare.tasks.base import DataSpec, Split, Task, TrainHook, TrainResult
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchClassificationTask", "balanced_class_weights", "planned_steps"]
+__all__ = ["TorchClassificationTask", "balanced_class_weights", "dropout", "planned_steps", "seed_dropout"]
 
 
 class TorchClassificationTask(Task):
@@ -161,6 +162,7 @@ class TorchClassificationTask(Task):
             weights = torch.from_numpy(balanced_class_weights(data.y, num_classes=classes))
         augmentation = torch.Generator()
         augmentation.manual_seed(_augmentation_seed(seed))
+        seed_dropout(model, seed)
 
         def augment(xb: torch.Tensor) -> torch.Tensor:
             return self.augment(xb, plan, generator=augmentation)
@@ -257,6 +259,58 @@ def balanced_class_weights(y: np.ndarray, *, num_classes: int) -> np.ndarray:
     weights = np.ones(num_classes, dtype=np.float64)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights.astype(np.float32)
+
+
+@functools.cache
+def _seeded_dropout_class() -> Any:
+    import torch
+
+    class SeededDropout(torch.nn.Module):
+        """Dropout drawing its masks from its own generator (see :func:`dropout`)."""
+
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.p = p
+            self.generator = torch.Generator()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training or self.p == 0:
+                return x
+            keep = torch.rand(x.shape, generator=self.generator, dtype=x.dtype) >= self.p
+            return x * keep / (1 - self.p)
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    return SeededDropout
+
+
+def dropout(p: float) -> torch.nn.Module:
+    """A dropout layer whose masks come from its own generator, seeded per round by :func:`seed_dropout`.
+
+    ``torch.nn.Dropout`` draws from torch's one process-wide generator, which
+    nodes training in parallel threads share, so its masks — and the model —
+    would depend on the thread schedule.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = dropout(0.5).train()
+    >>> seed_dropout(layer, 7); a = layer(torch.ones(8))
+    >>> seed_dropout(layer, 7); b = layer(torch.ones(8))
+    >>> bool((a == b).all()), set(a.tolist()) <= {0.0, 2.0}
+    (True, True)
+    """
+    module: torch.nn.Module = _seeded_dropout_class()(p)
+    return module
+
+
+def seed_dropout(model: Any, seed: int) -> None:
+    """Seed every :func:`dropout` layer of ``model`` from the round's ``seed``, each layer its own stream."""
+    kind = _seeded_dropout_class()
+    layers = [module for module in model.modules() if isinstance(module, kind)]
+    for index, layer in enumerate(layers):
+        layer.generator.manual_seed(int(np.random.SeedSequence(seed, spawn_key=(0x44524F50, index)).generate_state(1)[0]))
 
 
 def _augmentation_seed(seed: int) -> int:
