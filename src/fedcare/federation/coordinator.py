@@ -782,13 +782,15 @@ class Coordinator:
                 )
                 + (
                     (
-                        ", per-feature counts, sums and sums of squares with DP noise, epsilon spent"
+                        ", per-feature counts, sums and sums of squares with DP noise"
                         if plan.privacy.record_level.enabled
                         else ", per-feature sums and sums of squares"
                     )
+                    + (" (masked: only their sum over the sites is revealed)" if plan.secure_aggregation.enabled else "")
                     if plan.dataset.normalization == "federated"
                     else ""
-                ),
+                )
+                + (", epsilon spent" if plan.privacy.record_level.enabled else ""),
             },
             "parameters": {name: list(shape) for name, shape in result.parameters.spec},
         }
