@@ -17,7 +17,7 @@ from fedcare.transport import pki
 
 from tests.deployment.conftest import ProcessGroup, endpoint_port, read_events, wait_for, write_plan
 
-#: Each site's policy, and what it must make of the plan (fedavg, no DP, 9 sites per round, 150 short rounds).
+#: Each site's policy, and what it must make of the plan (fedavg, no DP, 9 sites per round, 300 short rounds).
 INFO = TaskRegistry.from_entry_points().info("tabular-logistic")
 PINNED = {"name": INFO.name, "version": INFO.version, "sha256": INFO.sha256}
 SITES: dict[str, dict[str, Any]] = {
@@ -38,7 +38,7 @@ REFUSED = {  # site -> (policy key, words of the reason)
     "participants": ("policy.min_participants", "this site requires at least 20"),
     "wrong-coordinator": ("policy.coordinator_fingerprint", "not the trusted"),
 }
-ROUNDS = 150
+ROUNDS = 300
 
 
 def _write_sites(root: Path) -> dict[str, Path]:
