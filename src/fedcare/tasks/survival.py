@@ -11,7 +11,7 @@ from fedcare.errors import ConfigError, DataError
 from fedcare.metrics import concordance_index
 from fedcare.plan import Plan
 from fedcare.tasks.base import DataSpec, Split, TrainHook, TrainResult
-from fedcare.tasks.torch_task import TorchClassificationTask, make_optimizer, planned_steps
+from fedcare.tasks.torch_task import TorchClassificationTask, make_optimizer, planned_steps, shuffled_batches
 
 if TYPE_CHECKING:
     import torch
@@ -135,16 +135,8 @@ class CoxTask(TorchClassificationTask):
         batch = min(plan.local.batch_size, n)
         total_steps = planned_steps(n, plan.local)
         model.train()
-        rng = np.random.default_rng(seed)
         steps, loss_sum, seen = 0, 0.0, 0
-        order = rng.permutation(n)
-        position = 0
-        while steps < total_steps:
-            if position >= n:
-                order = rng.permutation(n)
-                position = 0
-            index = order[position : position + batch]
-            position += batch
+        for index in shuffled_batches(n, batch=batch, steps=total_steps, seed=seed):
             optimizer.zero_grad(set_to_none=True)
             risk = model(x[torch.from_numpy(index)]).reshape(-1)
             loss: Any = cox_partial_likelihood_loss(risk, time[index], event[index])

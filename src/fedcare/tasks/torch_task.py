@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from fedcare.tasks.base import DataSpec, Split, Task, TrainHook, TrainResult
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchClassificationTask", "balanced_class_weights", "dropout", "planned_steps", "seed_dropout"]
+__all__ = ["TorchClassificationTask", "balanced_class_weights", "dropout", "planned_steps", "seed_dropout", "shuffled_batches"]
 
 
 class TorchClassificationTask(Task):
@@ -173,18 +173,11 @@ class TorchClassificationTask(Task):
                 model, optimizer, x, y, loss_fn, binary=binary, batch=batch, seed=seed, total_steps=total_steps,
                 hooks=hooks, augment=augment, weights=weights,
             )  # fmt: skip
-        rng = np.random.default_rng(seed)
         steps = 0
         loss_sum = 0.0
         seen = 0
-        order = rng.permutation(n)
-        position = 0
-        while steps < total_steps:
-            if position >= n:
-                order = rng.permutation(n)
-                position = 0
-            index = torch.from_numpy(order[position : position + batch])
-            position += batch
+        for rows in shuffled_batches(n, batch=batch, steps=total_steps, seed=seed):
+            index = torch.from_numpy(rows)
             xb, yb = augment(x[index]), y[index]
             optimizer.zero_grad(set_to_none=True)
             output = model(xb)
@@ -215,6 +208,25 @@ class TorchClassificationTask(Task):
             probability = torch.sigmoid(output.reshape(-1)).numpy()
             return binary_metrics(data.y, probability)
         return multiclass_metrics(data.y, torch.softmax(output, dim=1).numpy())
+
+
+def shuffled_batches(n: int, *, batch: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """``steps`` batches of row indices: passes over ``n`` rows, each in a fresh order seeded by ``seed``.
+
+    Examples
+    --------
+    >>> [b.tolist() for b in shuffled_batches(3, batch=2, steps=3, seed=0)]
+    [[2, 0], [1], [2, 1]]
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    position = 0
+    for _ in range(steps):
+        if position >= n:
+            order = rng.permutation(n)
+            position = 0
+        yield order[position : position + batch]
+        position += batch
 
 
 def planned_steps(num_examples: int, local: LocalTraining) -> int:
