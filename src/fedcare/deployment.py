@@ -25,7 +25,7 @@ from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.messages import Job, JobResult
 from fedcare.params import update_digest
-from fedcare.plan import Plan, _format_validation_error, plan_hash
+from fedcare.plan import Plan, _format_validation_error, plan_hash, read_yaml
 from fedcare.simulation import check_plan, initial_parameters
 from fedcare.strategies import make_strategy
 from fedcare.tasks.base import SiteData
@@ -110,14 +110,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     ConfigError
         Naming the field (``node.name``, ``node.datasets``, ...) and the value received.
     """
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read node config: {exc.strerror}", field="node") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"node config is not valid YAML: {exc}", field="node") from None
+    data = read_yaml(path, what="node config", field="node")
     try:
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:

@@ -33,6 +33,7 @@ __all__ = [
     "load_plan",
     "parse_plan",
     "plan_hash",
+    "read_yaml",
 ]
 
 
@@ -689,18 +690,27 @@ def load_plan(path: str | Path) -> Plan:
     ConfigError
         If the file is missing, is not YAML, or fails validation.
     """
+    return parse_plan(read_yaml(path, what="plan file", field="plan"))
+
+
+def read_yaml(path: str | Path, *, what: str, field: str) -> Any:
+    """The YAML document in ``path`` (safe loader), for a plan or a node.yaml.
+
+    Raises
+    ------
+    ConfigError
+        ``cannot read WHAT: ...`` or ``WHAT is not valid YAML: ...``, at ``field``.
+    """
     import yaml
 
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read plan file: {exc.strerror}", field="plan") from None
+        raise ConfigError(f"cannot read {what}: {exc.strerror}", field=field) from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"plan file is not valid YAML: {exc}", field="plan") from None
-    return parse_plan(data)
+        raise ConfigError(f"{what} is not valid YAML: {exc}", field=field) from None
 
 
 def plan_hash(plan: Plan) -> str:

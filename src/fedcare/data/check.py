@@ -16,7 +16,7 @@ from fedcare.data.manifest.model import DatasetManifest
 from fedcare.data.manifest.harmonize import _listing
 from fedcare.data.manifest.site import DataReport, _analyse, manifest_spec
 from fedcare.errors import ConfigError, FedcareError
-from fedcare.plan import Plan, _format_validation_error
+from fedcare.plan import Plan, _format_validation_error, read_yaml
 
 __all__ = ["DatasetCheck", "check_site"]
 
@@ -76,14 +76,7 @@ class DatasetCheck:
 
 
 def _read_node_yaml(node_yaml: Path) -> Mapping[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(node_yaml).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read node config: {exc.strerror}", field="node") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"node config is not valid YAML: {exc}", field="node") from None
+    data = read_yaml(node_yaml, what="node config", field="node")
     if not isinstance(data, dict):
         raise ConfigError("node config must be a mapping", field="node")
     datasets = data.get("datasets")
