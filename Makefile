@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedcare-installed
 
-.PHONY: demo test bench install clean proto
+.PHONY: demo test bench install browser clean proto
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "fedcare needs Python >= 3.11"; exit 1; }
@@ -21,7 +21,18 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/fedcare demo
 
-test: install
+# Debian's Chromium for the tests that open report.html and the live dashboard in a browser
+# (driven by Playwright, which uses it in place of a browser of its own). Installed with
+# apt-get when missing and the user is root; otherwise those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "could not install chromium: the browser tests will skip"; \
+	else echo "chromium is missing and installing it needs root: the browser tests will skip"; fi
+
+test: install browser
 	$(PY) -m pytest
 
 bench: install

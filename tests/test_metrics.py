@@ -6,9 +6,18 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, recall_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, recall_score, roc_auc_score, roc_curve
 
-from fedcare.metrics import aggregate_site_metrics, binary_metrics, multiclass_metrics, roc_auc
+from fedcare.metrics import (
+    ROC_FPR_GRID,
+    aggregate_site_metrics,
+    binary_metrics,
+    calibration_error,
+    multiclass_metrics,
+    roc_auc,
+    roc_points,
+    split_curves,
+)
 
 SIZES = [7, 40, 333, 2000]
 
@@ -75,17 +84,87 @@ def test_roc_auc_does_not_depend_on_row_order() -> None:
 # --- binary_metrics -------------------------------------------------------------------
 
 
-def test_binary_metrics_report_the_six_documented_metrics() -> None:
+def test_binary_metrics_report_the_documented_metrics_and_a_roc_curve() -> None:
     y, probability = _binary_case(40, seed=1)
 
-    assert set(binary_metrics(y, probability)) == {
+    scalars, curves = split_curves(binary_metrics(y, probability))
+
+    assert set(scalars) == {
         "accuracy",
         "balanced_accuracy",
         "roc_auc",
         "sensitivity",
         "specificity",
         "log_loss",
+        "calibration_error",
     }
+    assert len(curves["roc"]) == len(ROC_FPR_GRID)
+    assert curves["roc"] == roc_points(y, probability)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_roc_points_are_scikit_learns_curve_read_as_a_step_function(n: int) -> None:
+    y, probability = _binary_case(n, seed=n)
+    fpr, tpr, _ = roc_curve(y, probability, drop_intermediate=False)
+
+    expected = [float(tpr[fpr <= f + 1e-12].max()) for f in ROC_FPR_GRID]
+
+    assert roc_points(y, probability) == pytest.approx(expected, abs=1e-12)
+
+
+def test_roc_points_rise_to_one_and_never_fall() -> None:
+    y, probability = _binary_case(333, seed=3)
+
+    points = roc_points(y, probability)
+
+    assert points[-1] == 1.0
+    assert all(b >= a for a, b in zip(points, points[1:]))
+
+
+def test_roc_points_of_a_perfect_ranking_reach_one_at_zero_fpr() -> None:
+    assert roc_points(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]))[0] == 1.0
+
+
+def test_roc_points_are_nan_with_one_class() -> None:
+    assert all(math.isnan(v) for v in roc_points(np.ones(5), np.linspace(0, 1, 5)))
+
+
+def _reference_ece(y: np.ndarray, confidence: np.ndarray, hit: np.ndarray, bins: int = 10) -> float:
+    total = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = (confidence >= low) & ((confidence < high) | ((b == bins - 1) & (confidence <= high)))
+        if inside.any():
+            total += inside.sum() * abs(hit[inside].mean() - confidence[inside].mean())
+    return total / y.size
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_binary_calibration_error_matches_a_loop_over_bins(n: int) -> None:
+    y, probability = _binary_case(n, seed=n + 1)
+    probability = np.clip(probability + 0.013, 0, 1)  # off the bin edges, where float rounding could differ
+
+    assert calibration_error(y, probability) == pytest.approx(_reference_ece(y, probability, y.astype(float)), abs=1e-12)
+
+
+def test_calibration_error_sees_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.2, 0.8, 4000)
+    y = (rng.uniform(size=truth.size) < truth).astype(int)
+    overconfident = np.where(truth > 0.5, 0.99, 0.01)
+
+    assert calibration_error(y, truth) < 0.03
+    assert calibration_error(y, overconfident) > 0.2
+
+
+def test_multiclass_calibration_error_uses_the_predicted_class_confidence() -> None:
+    y, probability = _multiclass_case(333, 4, seed=5)
+    confidence = probability.max(axis=1)
+    hit = (probability.argmax(axis=1) == y).astype(float)
+
+    assert multiclass_metrics(y, probability)["calibration_error"] == pytest.approx(
+        _reference_ece(y, confidence, hit), abs=1e-9
+    )
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -8,6 +8,7 @@ numbers: never code, never data rows.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,22 @@ class Job:
     parameters: Parameters | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes this job carries: the parameters' tensors plus its JSON config.
+
+        Transport framing (gRPC, TLS) is not counted, so the figure is the same
+        over every transport.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> Job("run", 1, "j", JobKind.TRAIN, plan_hash="", parameters=Parameters({"w": np.zeros(4, np.float32)})).payload_bytes
+        16
+        """
+        tensors = self.parameters.nbytes if self.parameters is not None else 0
+        return tensors + _json_bytes(self.config)
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -108,3 +125,17 @@ class JobResult:
     def ok(self) -> bool:
         """True when the node did the job."""
         return self.error is None
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes this result carries: the update's tensors plus its metrics, statistics and data as JSON."""
+        tensors = self.update.nbytes if self.update is not None else 0
+        numbers = _json_bytes(self.metrics) + _json_bytes(self.statistics)
+        return tensors + numbers + _json_bytes(self.data) + len((self.error or "").encode())
+
+
+def _json_bytes(value: Mapping[str, Any]) -> int:
+    """Size of ``value`` as compact JSON; 0 when empty."""
+    if not value:
+        return 0
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())

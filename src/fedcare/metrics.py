@@ -13,9 +13,27 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["aggregate_site_metrics", "binary_metrics", "concordance_index", "multiclass_metrics", "roc_auc"]
+__all__ = [
+    "ROC_FPR_GRID",
+    "ROC_PREFIX",
+    "aggregate_site_metrics",
+    "binary_metrics",
+    "calibration_error",
+    "concordance_index",
+    "multiclass_metrics",
+    "roc_auc",
+    "roc_points",
+    "split_curves",
+]
 
 _EPS = 1e-7
+
+#: False-positive rates at which a site reports its ROC curve's true-positive rate
+#: (denser where screening decisions are made). A site sends these 16 rates, not scores.
+ROC_FPR_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+#: Metric names that carry one point of a ROC curve: ``roc_tpr@0.05`` is the TPR at FPR 0.05.
+ROC_PREFIX = "roc_tpr@"
 
 
 def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
@@ -57,10 +75,112 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def roc_points(y_true: np.ndarray, scores: np.ndarray, grid: Sequence[float] = ROC_FPR_GRID) -> list[float]:
+    """The ROC curve's true-positive rate at each false-positive rate of ``grid``.
+
+    The TPR at ``f`` is the highest one reached by a threshold whose FPR is
+    at most ``f`` (the empirical curve read as a step function), so it never
+    overstates the curve.
+
+    Parameters
+    ----------
+    y_true : numpy.ndarray
+        Binary labels, 1 for the positive class.
+    scores : numpy.ndarray
+        Higher means more likely positive.
+    grid : sequence of float
+        False-positive rates in [0, 1].
+
+    Returns
+    -------
+    list of float
+        One TPR per grid point; NaN everywhere when only one class is present.
+
+    Examples
+    --------
+    >>> roc_points(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), grid=(0.0, 0.5, 1.0))
+    [0.5, 1.0, 1.0]
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return [math.nan] * len(grid)
+    order = np.argsort(-s, kind="mergesort")
+    sorted_scores, sorted_y = s[order], y[order]
+    # one curve point per distinct threshold: everything scoring at least it is called positive
+    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), s.size - 1]
+    tpr = np.r_[0.0, np.cumsum(sorted_y)[last] / n_pos]
+    fpr = np.r_[0.0, np.cumsum(~sorted_y)[last] / n_neg]
+    return [float(tpr[fpr <= f + 1e-12].max()) for f in grid]
+
+
+def calibration_error(y_true: np.ndarray, probability: np.ndarray, *, bins: int = 10) -> float:
+    """Expected calibration error: the gap between predicted probability and observed frequency.
+
+    The predictions are put in ``bins`` equal-width bins of probability; the
+    error is the mean over cases of ``|observed rate - mean prediction|`` of
+    their bin. For two classes ``probability`` is that of the positive class;
+    for more, an ``(n, k)`` array, the confidence of the predicted class
+    against its accuracy.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0 is perfectly calibrated. NaN without cases.
+
+    Examples
+    --------
+    >>> calibration_error(np.array([0, 1, 1, 0]), np.array([0.0, 1.0, 1.0, 0.0]))
+    0.0
+    >>> round(calibration_error(np.array([0, 0, 1, 1]), np.array([0.75, 0.75, 0.75, 0.75])), 3)
+    0.25
+    """
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    p = np.asarray(probability, dtype=np.float64)
+    if y.size == 0:
+        return math.nan
+    if p.ndim == 2:
+        confidence = p.max(axis=1)
+        hit = (p.argmax(axis=1) == y).astype(np.float64)
+    else:
+        confidence = p.reshape(-1)
+        hit = y.astype(np.float64)
+    which = np.minimum((np.clip(confidence, 0.0, 1.0) * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    gaps = np.abs(np.bincount(which, weights=hit, minlength=bins) - np.bincount(which, weights=confidence, minlength=bins))
+    return float(gaps[counts > 0].sum() / y.size)
+
+
+def split_curves(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Separate a site's scalar metrics from the curve points it reported.
+
+    Returns
+    -------
+    (dict, dict)
+        The scalar metrics, and ``{"roc": [tpr at each ROC_FPR_GRID point]}``
+        when the metrics carry a ROC curve (else ``{}``).
+
+    Examples
+    --------
+    >>> scalars, curves = split_curves({"accuracy": 0.9, "roc_tpr@0": 0.2, "roc_tpr@1": 1.0})
+    >>> scalars, curves["roc"][:1], len(curves["roc"])
+    ({'accuracy': 0.9}, [0.2], 16)
+    """
+    scalars = {k: v for k, v in metrics.items() if not k.startswith(ROC_PREFIX)}
+    if len(scalars) == len(metrics):
+        return scalars, {}
+    return scalars, {"roc": [float(metrics.get(f"{ROC_PREFIX}{f:g}", math.nan)) for f in ROC_FPR_GRID]}
+
+
 def binary_metrics(
     y_true: np.ndarray, probability: np.ndarray, *, threshold: float = 0.5
 ) -> dict[str, float]:
-    """Accuracy, balanced accuracy, ROC AUC, sensitivity, specificity, log loss.
+    """Accuracy, balanced accuracy, ROC AUC, sensitivity, specificity, log loss, calibration error, ROC curve.
+
+    The ROC curve comes as one metric per point of :data:`ROC_FPR_GRID`
+    (``roc_tpr@0.05``: the TPR at FPR 0.05); :func:`split_curves` gathers them.
 
     Parameters
     ----------
@@ -103,11 +223,13 @@ def binary_metrics(
         "sensitivity": sensitivity,
         "specificity": specificity,
         "log_loss": log_loss,
+        "calibration_error": calibration_error(y, raw),
+        **{f"{ROC_PREFIX}{f:g}": t for f, t in zip(ROC_FPR_GRID, roc_points(y, raw), strict=True)},
     }
 
 
 def multiclass_metrics(y_true: np.ndarray, probability: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy and log loss for more than two classes.
+    """Accuracy, balanced accuracy, log loss and calibration error for more than two classes.
 
     Parameters
     ----------
@@ -134,6 +256,7 @@ def multiclass_metrics(y_true: np.ndarray, probability: np.ndarray) -> dict[str,
         "accuracy": float(np.mean(predicted == y)) if y.size else math.nan,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan,
         "log_loss": -float(np.mean(np.log(p[np.arange(y.size), y]))) if y.size else math.nan,
+        "calibration_error": calibration_error(y, np.asarray(probability, dtype=np.float64)),
     }
 
 

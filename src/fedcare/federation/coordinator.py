@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -208,11 +209,16 @@ class Coordinator:
         self._run_id = run_id or uuid.uuid4().hex
         self._normalization: Standardization | None = None
         self._gate = ApprovalGate(plan, transport=transport, emit=self._emit, audit=audit)
+        # Payload bytes sent to (down) and received from (up) each node since the last event that reported them.
+        self._traffic: dict[str, list[int]] = {}
 
     # -- public ----------------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> RunResult:
         """Run every round of the plan, then evaluate and save the final model.
+
+        With a run directory, ``report.html`` is written there when the run
+        ends, completed or not (see :mod:`fedcare.report`).
 
         Parameters
         ----------
@@ -231,6 +237,13 @@ class Coordinator:
             If fewer than ``plan.min_nodes`` nodes complete a round; the last
             checkpoint is left intact.
         """
+        try:
+            return self._run(resume=resume)
+        finally:
+            if self.run_dir is not None:
+                self._write_report()
+
+    def _run(self, *, resume: bool) -> RunResult:
         started = time.perf_counter()
         plan = self.plan
         if plan.secure_aggregation.enabled and self.strategy.needs_all_updates:
@@ -362,7 +375,14 @@ class Coordinator:
                 round=0,
             )
         standardization = combine_feature_stats(stats)
-        self._emit({"event": "normalization", "nodes": len(stats), "num_examples": round(sum(s.count for s in stats))})
+        self._emit(
+            {
+                "event": "normalization",
+                "nodes": len(stats),
+                "num_examples": round(sum(s.count for s in stats)),
+                "bytes": self._take_traffic(),
+            }
+        )
         return standardization
 
     def _secure_normalization(self, nodes: list[str], result: RunResult) -> Standardization:
@@ -414,6 +434,7 @@ class Coordinator:
                 "nodes": len(summed),
                 "num_examples": round(stats.count),
                 "secure_aggregation": {"phases": secure.server.phase_sizes(), "clipped": secure.num_clipped},
+                "bytes": self._take_traffic(),
             }
         )
         return standardization
@@ -498,6 +519,7 @@ class Coordinator:
                 "num_examples": sum(accepted.values()),
                 "train_loss": sum(l * n for l, n in losses) / total if total else None,
                 "duration_s": time.perf_counter() - round_started,
+                "bytes": self._take_traffic(),
                 **secure_metrics,
                 **self._epsilon_metrics(selected, result),
                 **({"site_level_dp": m} if (m := self.strategy.round_metrics()) else {}),
@@ -645,6 +667,7 @@ class Coordinator:
         }
 
     def _evaluate(self, round_number: int, nodes: list[str], result: RunResult) -> EvaluationSummary:
+        self._emit({"event": "phase", "round": round_number, "phase": "evaluation"})
         jobs = {
             node: self._job(round_number, node, JobKind.EVALUATE, result.parameters)
             for node in self._available(nodes, round_number)
@@ -667,6 +690,7 @@ class Coordinator:
                 "examples": evaluation.examples,
                 "mean": evaluation.mean,
                 "pooled": evaluation.pooled,
+                "bytes": self._take_traffic(),
             }
         )
         return evaluation
@@ -706,11 +730,19 @@ class Coordinator:
                 self._emit({"event": "node_failed", **failure})
                 continue
             pending[job.job_id] = node
+            self._count(node, down=job.payload_bytes)
         for answer in self.transport.results(list(pending), timeout_s=self.plan.round_timeout_s):
             expected = pending.pop(answer.job_id, None)
-            if expected != answer.node_id or answer.run_id != self._run_id:
-                logger.warning("refused a result that does not match its job", extra={"node_id": answer.node_id})
+            if expected is None:
+                logger.warning("refused a result for a job that is not outstanding", extra={"node_id": answer.node_id})
                 continue
+            if expected != answer.node_id or answer.run_id != self._run_id:
+                mismatch = "another node" if expected != answer.node_id else "another run"
+                self._record_failure(
+                    result, dataclasses.replace(answer, node_id=expected), f"result does not match its job (it names {mismatch})"
+                )
+                continue
+            self._count(answer.node_id, up=answer.payload_bytes)
             if not answer.ok:
                 self._record_failure(result, answer, answer.error or "unknown error")
                 continue
@@ -749,6 +781,26 @@ class Coordinator:
         self._emit({"event": "node_failed", **failure})
         if self.audit is not None:
             self.audit.refusal(reason=f"round {answer.round} {answer.kind.value}: {message}"[:1000], peer=answer.node_id)
+
+    def _write_report(self) -> None:
+        assert self.run_dir is not None
+        try:
+            from fedcare.report import write_report
+
+            write_report(self.run_dir.path)
+        except Exception as exc:  # noqa: BLE001 - the run's record is saved; a failed report must not lose it
+            logger.warning("report.html was not written: %s", exc)
+
+    def _count(self, node: str, *, down: int = 0, up: int = 0) -> None:
+        counts = self._traffic.setdefault(node, [0, 0])
+        counts[0] += down
+        counts[1] += up
+
+    def _take_traffic(self) -> dict[str, dict[str, int]]:
+        """Payload bytes down to and up from each node since the last call, then reset."""
+        taken = {node: {"down": down, "up": up} for node, (down, up) in sorted(self._traffic.items())}
+        self._traffic = {}
+        return taken
 
     def _emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}

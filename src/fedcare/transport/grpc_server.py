@@ -415,6 +415,10 @@ class _Servicer(pb_grpc.FederationServicer):
             job = entry.job
             if header.run_id != job.run_id or header.round != job.round:
                 _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "result names another run or round (stale or replayed)")
+            try:
+                result_from_header(header, state.node_id, None)  # kind and JSON data parse, before any byte is buffered
+            except ProtocolError as exc:
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
             total = int(header.update.total_bytes)
             limit = _update_limit(job, entry.payload)
             if total < 0 or total > limit:
@@ -488,6 +492,8 @@ class _Servicer(pb_grpc.FederationServicer):
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    # Details name the protocol problem only: never a record, never a secret.
+    logger.warning("refused a call with %s: %s", code.name, details, extra={"status": code.name})
     context.abort(code, details)
     raise AssertionError("grpc's abort returned")  # it raises; this keeps type checkers informed
 
