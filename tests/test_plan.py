@@ -36,7 +36,7 @@ def test_example_heart_disease_plan_loads() -> None:
 def test_example_plan_keeps_its_local_recipe() -> None:
     plan = load_plan(EXAMPLE)
 
-    assert (plan.local.batch_size, plan.local.learning_rate, plan.evaluation.every_rounds) == (32, 0.01, 5)
+    assert (plan.local.batch_size, plan.local.learning_rate, plan.evaluation.every_rounds) == (32, 0.01, 1)
 
 
 def test_minimal_plan_gets_defaults() -> None:

@@ -1,7 +1,10 @@
 """The ``fedcare`` command: thin wrappers that parse, call one library function, render.
 
-Exit codes: 0 success, 2 configuration error, 3 data error, 4 federation
-error (too few nodes), 1 any other fedcare error.
+The node and certificate groups live in :mod:`fedcare.cli_node` and
+:mod:`fedcare.cli_certs`; what every command shares in :mod:`fedcare.cli_common`.
+
+Exit codes follow the class of the error (:data:`EXIT_CODES`, shown in
+``fedcare --help`` and docs/cli.md): the most specific class in the table wins.
 """
 
 from __future__ import annotations
@@ -17,54 +20,76 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedcare.cli_audit import audit_app
+from fedcare.cli_certs import certs_app
+from fedcare.cli_common import (
+    EXIT_CODES,
+    JSON_HELP,
+    QUIET_HELP,
+    Output,
+    approval_line,
+    console,
+    errors,
+    exit_code,
+    fedcare_errors,
+    log_to_stderr,
+    output_mode,
+    with_event_progress,
+)
 from fedcare.cli_data import data_app
-from fedcare.errors import ConfigError, DataError, FedcareError, FederationError
+from fedcare.cli_node import node_app
+from fedcare.cli_report import report_command
+from fedcare.errors import (
+    ConfigError,
+)
+from fedcare.tracking import chain_events
+
+
+def _epilog() -> str:
+    rows = "\n".join(f"  [bold]{entry.code:>3}[/]  {escape(entry.meaning)}" for entry in EXIT_CODES)
+    return (
+        "[bold]Typical commands[/]\n"
+        "  fedcare demo --inproc                          four hospitals, one process\n"
+        "  fedcare simulate plan.yaml --out runs/study    a plan's whole federation here\n"
+        "  fedcare serve plan.yaml --certs certs          coordinate deployed sites\n\n"
+        f"[bold]Exit codes[/]\n{rows}"
+    )
+
 
 app = typer.Typer(
     name="fedcare",
     help="Federated learning for healthcare: train one model across sites; records stay put.",
+    epilog=_epilog(),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
 )
 
-_console = Console()
-_errors = Console(stderr=True)
+_RUN = "Run a federation"
+_INSPECT = "Inspect"
+_SET_UP = "Set up"
 
-_EXIT_CODES: list[tuple[type[FedcareError], int]] = [
-    (ConfigError, 2),
-    (DataError, 3),
-    (FederationError, 4),
-    (FedcareError, 1),
-]
-
-_SHOWN_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
+_SHOWN_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "calibration_error")
 _SURVIVAL_METRICS = ("c_index",)  # shown instead when the task reports a C-index (tabular-cox)
 _HEADERS = {
     "accuracy": "acc", "balanced_accuracy": "bal acc", "roc_auc": "AUC", "sensitivity": "sens", "specificity": "spec",
-    "c_index": "C-index",
+    "calibration_error": "ECE", "c_index": "C-index",
 }  # fmt: skip
-
-
-@contextmanager
-def _fedcare_errors() -> Iterator[None]:
-    try:
-        yield
-    except FedcareError as exc:
-        code = next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
-        _errors.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(code) from None
-
 
 def demo_plan_path(*, private: bool = True) -> Path:
     """The packaged plan ``fedcare demo`` runs: ``examples/heart_disease_dp.yaml``.
 
     With ``private=False``, ``examples/heart_disease.yaml``: the same
     federation without record-level differential privacy.
+
+    Examples
+    --------
+    >>> demo_plan_path(private=False).name
+    'heart_disease.yaml'
     """
     name = "heart_disease_dp.yaml" if private else "heart_disease.yaml"
     return Path(str(resources.files("fedcare").joinpath("plans", name)))
@@ -74,16 +99,32 @@ def _number(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _scalars(metrics: dict[str, float]) -> dict[str, Any]:
+    from fedcare.metrics import split_curves
+
+    scalars, _ = split_curves(metrics)
+    return {k: _number(v) for k, v in scalars.items()}
+
+
+def _curves(sites: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Each site's ROC curve (TPR at each ``roc_fpr_grid`` point), apart from its scalar metrics."""
+    from fedcare.metrics import ROC_FPR_GRID, split_curves
+
+    curves = {site: {k: [_number(v) for v in points] for k, points in split_curves(m)[1].items()} for site, m in sites.items()}
+    return {"curves": {site: c for site, c in curves.items() if c}, "roc_fpr_grid": list(ROC_FPR_GRID)}
+
+
 def _summary(result: Any) -> dict[str, Any]:
     final = result.final_evaluation
     return {
         "run_dir": result.run_dir,
         "rounds": result.rounds_completed,
-        "sites": {site: {k: _number(v) for k, v in m.items()} for site, m in final.sites.items()} if final else {},
+        "sites": {site: _scalars(m) for site, m in final.sites.items()} if final else {},
         "examples": final.examples if final else {},
-        "mean": {k: _number(v) for k, v in final.mean.items()} if final else {},
-        "pooled": {k: _number(v) for k, v in final.pooled.items()} if final else {},
+        "mean": _scalars(final.mean) if final else {},
+        "pooled": _scalars(final.pooled) if final else {},
         "mean_site_accuracy": _number(final.mean.get("accuracy")) if final else None,
+        **_curves(final.sites if final else {}),
         "failures": result.failures,
         "participation": {str(r): nodes for r, nodes in sorted(result.participation.items())},
         "privacy": result.privacy,
@@ -124,68 +165,68 @@ def _site_table(
     return table
 
 
-def _approval_line(event: dict[str, Any]) -> str:
-    """The sites' answers to the plan, as the coordinator shows them."""
-    parts = []
-    if event["pending"]:
-        parts.append(f"waiting for approval: {', '.join(event['pending'])}")
-    for verdict in ("rejected", "refused"):
-        parts.extend(f"{node} {verdict}: {reason}" for node, reason in event[verdict].items())
-    if event["approved"]:
-        parts.append(f"approved: {', '.join(event['approved'])}")
-    return "; ".join(parts)
+_DASHBOARD_HELP = "Serve the live dashboard while the run goes on; its address is printed (docs/dashboard.md)."
+_DASHBOARD_LISTEN_HELP = (
+    "HOST:PORT of the dashboard (port 0: any free port). Off 127.0.0.1 it asks for a token, which is generated "
+    "and printed with the address."
+)
 
 
-def _with_event_progress(plan: Any, run: Callable[[Callable[[dict[str, Any]], None] | None], Any], show: bool) -> Any:
-    if not show:
-        return run(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+@contextmanager
+def _dashboard(
+    plan: Any, output: Output, *, enabled: bool, listen: str, certs: Path | None = None
+) -> Iterator[tuple[Callable[[dict[str, Any]], None] | None, dict[str, Any]]]:
+    """The live dashboard for one run: ``(on_event or None, holder)``; the holder takes the transport.
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=_errors,
-        transient=False,
-    ) as progress:
-        bar = progress.add_task("rounds", total=plan.rounds, status="")
+    The address (with its token, if any) goes to stderr and, readable by the
+    owner only, to ``RUN/dashboard.json``; the server stops when the run ends.
+    """
+    holder: dict[str, Any] = {}
+    if not enabled:
+        yield None, holder
+        return
+    from fedcare.dashboard import start_dashboard
 
-        def on_event(event: dict[str, Any]) -> None:
-            kind = event["event"]
-            if kind == "round_end":
-                loss = event.get("train_loss")
-                status = f"loss {loss:.3f}" if loss is not None else ""
-                progress.update(bar, completed=event["round"], status=status)
-            elif kind == "run_start":
-                progress.update(bar, completed=event["first_round"] - 1)
-            elif kind == "evaluation":
-                accuracy = event["mean"].get("accuracy")
-                c_index = event["mean"].get("c_index")
-                if accuracy is not None and not math.isnan(accuracy):
-                    progress.update(bar, status=f"mean site accuracy {accuracy:.3f}")
-                elif c_index is not None and not math.isnan(c_index):
-                    progress.update(bar, status=f"mean site C-index {c_index:.3f}")
-            elif kind == "approval":
-                progress.console.print(_approval_line(event), highlight=False)
-            elif kind in ("node_failed", "node_late"):
-                progress.console.print(
-                    f"[yellow]round {event['round']}: node {event['node_id']} "
-                    f"{'failed: ' + event['error'] if kind == 'node_failed' else 'missed the deadline'}[/]"
-                )
-
-        return run(on_event)
+    server, state = start_dashboard(
+        plan,
+        listen=listen,
+        certs_dir=certs,
+        nodes_online=lambda: holder["transport"].nodes() if "transport" in holder else [],
+        statuses=lambda: holder["transport"].statuses() if "transport" in holder else {},
+    )
+    url = server.url_with_token()
+    if output.run_dir is not None:
+        output.run_dir.mkdir(parents=True, exist_ok=True)
+        path = output.run_dir / "dashboard.json"
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({"url": url}))
+    if output.mode != "quiet":
+        errors.print(f"live dashboard: {url}", highlight=False, soft_wrap=True)
+    try:
+        yield state.on_event, holder
+    except BaseException as exc:
+        state.mark_failed(str(exc) or type(exc).__name__)
+        raise
+    finally:
+        server.close()
 
 
 def _simulate_and_render(
-    plan_path: Path, out: Path | None, as_json: bool, resume: bool, title: str, sites: Sequence[Path] = ()
+    plan_path: Path,
+    out: Path | None,
+    output: Output,
+    resume: bool,
+    title: str,
+    sites: Sequence[Path] = (),
+    *,
+    dashboard: bool = False,
+    dashboard_listen: str = "127.0.0.1:0",
 ) -> None:
     from fedcare.plan import load_plan
     from fedcare.simulation import check_plan, default_run_dir, simulate
 
     started = time.perf_counter()
-    with _fedcare_errors():
+    with fedcare_errors(output):
         plan = load_plan(plan_path)
         catalog = None
         if sites:
@@ -194,66 +235,89 @@ def _simulate_and_render(
             catalog = manifest_catalog(plan, [load_node_config(path) for path in sites])
         check_plan(plan, catalog=catalog)
         out_dir = out or default_run_dir(plan)
-        result = _with_event_progress(
-            plan,
-            lambda on_event: simulate(plan, out_dir=out_dir, on_event=on_event, resume=resume, catalog=catalog),
-            show=not as_json,
-        )
+        output.run_dir = Path(out_dir)
+        with _dashboard(plan, output, enabled=dashboard, listen=dashboard_listen) as (live, _):
+            result = with_event_progress(
+                plan,
+                lambda on_event, on_progress: simulate(
+                    plan,
+                    out_dir=out_dir,
+                    on_event=chain_events(on_event, live),
+                    resume=resume,
+                    catalog=catalog,
+                    on_progress=on_progress,
+                ),
+                show=output.progress,
+                local_training=True,
+            )
     summary = _summary(result)
     summary["wall_s"] = time.perf_counter() - started
-    _render_summary(summary, as_json, title=title)
+    _render_summary(summary, output, title=title)
 
 
-@app.command()
+@app.command(rich_help_panel=_RUN)
 def simulate(
     plan: Annotated[Path, typer.Argument(help="Plan file (YAML).")],
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
     site: Annotated[
         list[Path] | None,
         typer.Option("--site", help="A site's node.yaml whose manifest describes the plan's dataset (repeat per site)."),
     ] = None,
+    dashboard: Annotated[bool, typer.Option("--dashboard", help=_DASHBOARD_HELP)] = False,
+    dashboard_listen: Annotated[str, typer.Option("--dashboard-listen", help=_DASHBOARD_LISTEN_HELP)] = "127.0.0.1:0",
 ) -> None:
-    """Run a whole federation in this process, one node per site of the plan's dataset.
+    """Run a plan's whole federation in this process, one node per site.
 
-    With ``--site``, the sites are the listed node.yaml files, each reading
-    its own files through its dataset manifest, as it would deployed.
+    With --site, the sites are the listed node.yaml files, each reading its
+    own files through its dataset manifest, as it would deployed.
     """
-    _simulate_and_render(plan, out, as_json, resume, title=plan.stem, sites=site or ())
+    output = output_mode(as_json, quiet)
+    _simulate_and_render(
+        plan, out, output, resume, title=plan.stem, sites=site or (), dashboard=dashboard, dashboard_listen=dashboard_listen
+    )
 
 
-@app.command()
+@app.command(rich_help_panel=_RUN)
 def demo(
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     inproc: Annotated[bool, typer.Option("--inproc", help="Run the whole federation in this process.")] = False,
     no_dp: Annotated[
         bool, typer.Option("--no-dp", help="Train without record-level differential privacy (heart_disease.yaml).")
     ] = False,
+    dashboard: Annotated[bool, typer.Option("--dashboard", help=_DASHBOARD_HELP)] = False,
+    dashboard_listen: Annotated[str, typer.Option("--dashboard-listen", help=_DASHBOARD_LISTEN_HELP)] = "127.0.0.1:0",
 ) -> None:
-    """Four hospitals (Cleveland, Hungary, Switzerland, Long Beach) learn heart disease together.
+    """Four hospitals learn heart disease together, over mutual TLS on this machine.
 
-    By default the coordinator and each hospital run as separate processes on
-    127.0.0.1, with freshly issued certificates and mutual TLS, secure
-    aggregation, and record-level differential privacy at every hospital
-    (epsilon 1, delta 1e-3); ``--inproc`` runs the same federation in one
-    process, ``--no-dp`` without differential privacy.
+    Cleveland, Hungary, Switzerland and Long Beach run as separate processes
+    on 127.0.0.1 beside the coordinator, with freshly issued certificates,
+    mutual TLS, secure aggregation and record-level differential privacy at
+    every hospital (epsilon 1, delta 1e-3). --inproc runs the same federation
+    in one process, --no-dp without differential privacy.
     """
+    output = output_mode(as_json, quiet)
     plan_path = demo_plan_path(private=not no_dp)
     if inproc:
-        _simulate_and_render(plan_path, out, as_json, resume=False, title="heart-disease demo")
+        _simulate_and_render(
+            plan_path, out, output, resume=False, title="heart-disease demo", dashboard=dashboard, dashboard_listen=dashboard_listen
+        )
         return
     from fedcare.demo import prepare_deployment, run_deployed
     from fedcare.plan import load_plan
     from fedcare.simulation import default_run_dir
 
     started = time.perf_counter()
-    with _fedcare_errors():
+    with fedcare_errors(output):
         plan = load_plan(plan_path)
-        layout = prepare_deployment(plan_path, out or default_run_dir(plan))
-        if not as_json:
-            _errors.print(
+        output.run_dir = Path(out or default_run_dir(plan))
+        layout = prepare_deployment(plan_path, output.run_dir)
+        if output.progress:
+            errors.print(
                 f"coordinator + {len(layout.node_configs)} hospital processes on 127.0.0.1, mutual TLS"
                 f"{', secure aggregation (SecAgg+)' if plan.secure_aggregation.enabled else ''}"
                 f"{', record-level DP' if plan.privacy.record_level.enabled else ''} "
@@ -261,181 +325,75 @@ def demo(
                 highlight=False,
                 soft_wrap=True,
             )
-        summary = _with_event_progress(plan, lambda on_event: run_deployed(layout, on_event=on_event), show=not as_json)
+        with _dashboard(plan, output, enabled=dashboard, listen=dashboard_listen) as (live, _):
+            summary = with_event_progress(
+                plan, lambda on_event, _: run_deployed(layout, on_event=chain_events(on_event, live)), show=output.progress
+            )
     summary["wall_s"] = time.perf_counter() - started
-    _render_summary(summary, as_json, title="heart-disease demo (deployed)")
+    _render_summary(summary, output, title="heart-disease demo (deployed)")
 
 
-@app.command()
+@app.command(rich_help_panel=_RUN)
 def serve(
     plan: Annotated[Path, typer.Argument(help="Plan file (YAML) listing the admitted nodes.")],
     listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on (port 0: any free port).")] = "0.0.0.0:7443",
     certs: Annotated[Path, typer.Option("--certs", help="Directory with ca.pem, server.pem, server.key, crl.pem.")] = Path("certs"),
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/NAME-TIME).")] = None,
     wait_for_nodes_s: Annotated[float, typer.Option("--wait-for-nodes-s", help="How long to wait for nodes to join.")] = 120.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object when the run ends.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
+    dashboard: Annotated[bool, typer.Option("--dashboard", help=_DASHBOARD_HELP)] = False,
+    dashboard_listen: Annotated[str, typer.Option("--dashboard-listen", help=_DASHBOARD_LISTEN_HELP)] = "127.0.0.1:0",
+    dashboard_tls: Annotated[
+        bool,
+        typer.Option(
+            "--dashboard-tls",
+            help="Serve the dashboard over HTTPS with --certs' server certificate, admitting only browsers that "
+            "present a certificate from the federation's CA.",
+        ),
+    ] = False,
 ) -> None:
-    """Coordinate a federation: listen for nodes over mutual TLS and run the plan."""
-    import logging
-
+    """Coordinate a federation: listen for the sites' nodes over mutual TLS and run the plan."""
     from fedcare.deployment import serve as serve_plan
     from fedcare.plan import load_plan
     from fedcare.simulation import default_run_dir
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    output = output_mode(as_json, quiet)
+    log_to_stderr(output)
     started = time.perf_counter()
-    with _fedcare_errors():
+    with fedcare_errors(output):
         loaded = load_plan(plan)
-        out_dir = out or default_run_dir(loaded)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        out_dir = Path(out or default_run_dir(loaded))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        output.run_dir = out_dir
         host = listen.rsplit(":", 1)[0]
 
         def listening(port: int) -> None:
-            (Path(out_dir) / "endpoint.json").write_text(json.dumps({"host": host, "port": port}))
-            _errors.print(f"listening on {host}:{port}", highlight=False)
+            (out_dir / "endpoint.json").write_text(json.dumps({"host": host, "port": port}))
+            if output.mode != "quiet":
+                errors.print(f"listening on {host}:{port}", highlight=False)
 
         def show_approvals(event: dict[str, Any]) -> None:
-            if event["event"] == "approval":
-                _errors.print(_approval_line(event), highlight=False, soft_wrap=True)
+            if event["event"] == "approval" and output.mode != "quiet":
+                errors.print(approval_line(event), highlight=False, soft_wrap=True)
 
-        result = serve_plan(
-            loaded,
-            listen=listen,
-            certs_dir=certs,
-            out_dir=out_dir,
-            wait_for_nodes_s=wait_for_nodes_s,
-            on_listening=listening,
-            capture_handshake_log=True,
-            on_event=show_approvals,
-        )
+        with _dashboard(
+            loaded, output, enabled=dashboard, listen=dashboard_listen, certs=certs if dashboard_tls else None
+        ) as (live, holder):
+            result = serve_plan(
+                loaded,
+                listen=listen,
+                certs_dir=certs,
+                out_dir=out_dir,
+                wait_for_nodes_s=wait_for_nodes_s,
+                on_listening=listening,
+                capture_handshake_log=True,
+                on_event=chain_events(show_approvals, live),
+                on_transport=lambda transport: holder.__setitem__("transport", transport),
+            )
     summary = _summary(result)
     summary["wall_s"] = time.perf_counter() - started
-    _render_summary(summary, as_json, title=loaded.name)
-
-
-node_app = typer.Typer(
-    help="A site's node: run it, list the installed tasks, and approve or reject the plans it received.",
-    invoke_without_command=True,
-)
-
-
-@node_app.callback()
-def node(
-    ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option("--config", help="The site's node.yaml.")] = None,
-    coordinator: Annotated[str | None, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")] = None,
-    certs: Annotated[Path, typer.Option("--certs", help="Directory with ca.pem and this node's NAME.pem, NAME.key.")] = Path("certs"),
-    give_up_after_s: Annotated[float | None, typer.Option("--give-up-after-s", help="Stop retrying an unreachable coordinator after this long (default: never).")] = None,
-) -> None:
-    """Run a site's node: dial out to the coordinator and serve its jobs until the run ends.
-
-    The node runs a plan only once the site approved it (``fedcare node
-    approve``) or its policy approves it unattended (``auto_approve``).
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    if config is None or coordinator is None:
-        _errors.print("[bold red]error:[/] fedcare node needs --config NODE.yaml and --coordinator HOST:PORT", markup=True)
-        raise typer.Exit(2)
-    import logging
-
-    from fedcare.deployment import load_node_config, run_node
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # pydicom's own warnings about malformed elements quote the element's value, which can be a
-    # patient's name or identifier: a node process keeps only pydicom's errors.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    with _fedcare_errors():
-        node_config = load_node_config(config)
-        run_node(node_config, coordinator=coordinator, certs_dir=certs, give_up_after_s=give_up_after_s)
-    _errors.print(f"node {node_config.name}: the run is over", highlight=False)
-
-
-def _approvals(config: Path) -> Any:
-    from fedcare.deployment import load_node_config
-    from fedcare.federation.approvals import PlanApprovals
-
-    node_config = load_node_config(config)
-    assert node_config.approvals_dir is not None  # load_node_config resolves it
-    return node_config, PlanApprovals(node_config.approvals_dir)
-
-
-@node_app.command("plans")
-def node_plans(
-    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-) -> None:
-    """List the plans this site received: pending, approved and rejected, with what each asks for."""
-    from dataclasses import asdict
-
-    with _fedcare_errors():
-        _, approvals = _approvals(config)
-        records = approvals.records()
-    if as_json:
-        sys.stdout.write(json.dumps([asdict(r) for r in records]) + "\n")
-        return
-    if not records:
-        _console.print("no plan received yet")
-        return
-    table = Table(title="plans received", title_justify="left")
-    for column in ("plan hash", "status", "task", "dataset", "rounds", "strategy", "privacy", "received", "decided"):
-        table.add_column(column)
-    for r in records:
-        style = {"pending": "yellow", "approved": "green", "rejected": "red"}[r.status]
-        decided = f"{r.decided_at} ({r.decided_by})" if r.decided_at else ""
-        table.add_row(
-            r.plan_hash[:16], f"[{style}]{r.status}[/]", r.summary["task"], r.summary["dataset"], str(r.summary["rounds"]),
-            r.summary["strategy"], r.summary["privacy"], r.received_at, decided,
-        )  # fmt: skip
-    _console.print(table)
-
-
-@node_app.command("approve")
-def node_approve(
-    plan_hash: Annotated[str, typer.Argument(help="The plan's hash, or its first 8 or more hex digits.")],
-    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
-) -> None:
-    """Approve a received plan: a node waiting for it starts serving its jobs."""
-    with _fedcare_errors():
-        _, approvals = _approvals(config)
-        record = approvals.approve(plan_hash)
-    _console.print(f"approved {record.plan_hash[:16]}: {record.summary['task']} on {record.summary['dataset']}, "
-                   f"{record.summary['rounds']} rounds; {record.summary['privacy']}", highlight=False)  # fmt: skip
-
-
-@node_app.command("reject")
-def node_reject(
-    plan_hash: Annotated[str, typer.Argument(help="The plan's hash, or its first 8 or more hex digits.")],
-    config: Annotated[Path, typer.Option("--config", help="The site's node.yaml.")],
-    reason: Annotated[str, typer.Option("--reason", help="Why; the coordinator is told.")] = "",
-) -> None:
-    """Reject a received plan: the node tells the coordinator, with the reason, and takes no part."""
-    with _fedcare_errors():
-        _, approvals = _approvals(config)
-        record = approvals.reject(plan_hash, reason=reason)
-    _console.print(f"rejected {record.plan_hash[:16]}", highlight=False)
-
-
-@node_app.command("tasks")
-def node_tasks(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-) -> None:
-    """The tasks installed here, with the version and code SHA-256 a policy's allowed_tasks pins."""
-    from dataclasses import asdict
-
-    from fedcare.tasks.registry import TaskRegistry
-
-    registry = TaskRegistry.from_entry_points()
-    infos = [registry.info(name) for name in registry.names()]
-    if as_json:
-        sys.stdout.write(json.dumps([asdict(i) for i in infos]) + "\n")
-        return
-    table = Table(title="installed tasks", title_justify="left")
-    for column in ("name", "version", "sha256"):
-        table.add_column(column, no_wrap=True)
-    for info in infos:
-        table.add_row(info.name, info.version, info.sha256)
-    _console.print(table)
+    _render_summary(summary, output, title=loaded.name)
 
 
 def _spans(rounds: list[int]) -> str:
@@ -450,12 +408,15 @@ def _spans(rounds: list[int]) -> str:
     return "rounds " + ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
-def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> None:
-    if as_json:
+def _render_summary(summary: dict[str, Any], output: Output, *, title: str) -> None:
+    if output.mode == "json":
         sys.stdout.write(json.dumps(summary) + "\n")
         return
+    if output.mode == "quiet":
+        sys.stdout.write(f"{summary['run_dir']}\n")
+        return
     if summary["sites"]:
-        _console.print(
+        console.print(
             _site_table(
                 f"{title}: round {summary['rounds']}, each site's own test split",
                 summary["sites"],
@@ -465,7 +426,7 @@ def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> No
             )
         )
     for failure in summary["failures"]:
-        _console.print(f"[yellow]round {failure['round']}: {failure['node_id']}: {failure['error']}[/]")
+        console.print(f"[yellow]round {failure['round']}: {failure['node_id']}: {failure['error']}[/]")
     rounds_by_site: dict[str, list[int]] = {}
     for round_key, nodes in summary.get("participation", {}).items():
         for node_id in nodes:
@@ -474,63 +435,70 @@ def _render_summary(summary: dict[str, Any], as_json: bool, *, title: str) -> No
     partial = {site: rounds for site, rounds in rounds_by_site.items() if len(rounds) < total}
     if partial:
         spans = "; ".join(f"{site} {_spans(rounds)}" for site, rounds in sorted(partial.items()))
-        _console.print(f"took part in some rounds only: {spans} (of {total})", highlight=False)
+        console.print(f"took part in some rounds only: {spans} (of {total})", highlight=False)
     privacy = summary.get("privacy") or {}
     if privacy:
         secure = "on (SecAgg+): the coordinator saw only sums" if privacy.get("secure_aggregation") else "off"
-        _console.print(f"secure aggregation: {secure}; left the sites: {privacy.get('data_leaving_sites')}", highlight=False)
+        console.print(f"secure aggregation: {secure}; left the sites: {privacy.get('data_leaving_sites')}", highlight=False)
         record_level = (privacy.get("differential_privacy") or {}).get("record_level")
         if record_level:
-            _console.print(
+            console.print(
                 f"record-level DP (DP-SGD) at every site: ε spent per site in the table, at δ = {record_level['delta']:g} "
                 f"(planned ε {record_level['planned_epsilon']:g})",
                 highlight=False,
             )
-    _console.print(f"run directory: {summary['run_dir']}  ({summary['wall_s']:.1f} s)")
+    console.print(f"run directory: {summary['run_dir']}  ({summary['wall_s']:.1f} s)")
 
 
-@app.command()
+@app.command(rich_help_panel=_INSPECT)
 def datasets() -> None:
-    """List the bundled datasets."""
+    """List the bundled datasets, with their sites, sources and licences."""
     from fedcare.data.catalog import DatasetCatalog
 
     catalog = DatasetCatalog.bundled()
     for name in catalog.names():
         info = catalog.get(name).info
-        _console.print(f"[bold]{info.name}[/]  {info.patients} patients  sites: {info.sites}", highlight=False)
-        _console.print(f"  {info.description}", highlight=False)
-        _console.print(f"  licence {info.licence}; source {info.source}", highlight=False)
+        console.print(f"[bold]{info.name}[/]  {info.patients} patients  sites: {info.sites}", highlight=False)
+        console.print(f"  {info.description}", highlight=False)
+        console.print(f"  licence {info.licence}; source {info.source}", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=_INSPECT)
 def baseline(
     plan: Annotated[Path, typer.Argument(help="Plan file (YAML).")],
     mode: Annotated[str, typer.Option("--mode", help="pooled: one model on all sites' data; local: each site alone.")] = "pooled",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table: errors on stderr, then one summary line.")] = False,
 ) -> None:
-    """Train without federation, evaluated on the same per-site test splits."""
+    """Train without federation (pooled, or each site alone) on the same per-site test splits."""
     from fedcare.baselines import run_baseline
     from fedcare.plan import load_plan
 
-    with _fedcare_errors():
+    output = output_mode(as_json, quiet)
+    with fedcare_errors(output):
         if mode not in ("pooled", "local"):
             raise ConfigError(f"must be 'pooled' or 'local', got {mode!r}", field="--mode")
         chosen: Literal["pooled", "local"] = "pooled" if mode == "pooled" else "local"
         loaded = load_plan(plan)
         result = run_baseline(loaded, mode=chosen)
-    if as_json:
+    if output.mode == "json":
         payload = {
             "mode": chosen,
-            "sites": {s: {k: _number(v) for k, v in m.items()} for s, m in result.sites.items()},
+            "sites": {s: _scalars(m) for s, m in result.sites.items()},
             "examples": result.examples,
-            "mean": {k: _number(v) for k, v in result.mean.items()},
-            "pooled": {k: _number(v) for k, v in result.pooled.items()},
+            "mean": _scalars(result.mean),
+            "pooled": _scalars(result.pooled),
             "mean_site_accuracy": _number(result.mean.get("accuracy")),
+            **_curves(result.sites),
         }
         sys.stdout.write(json.dumps(payload) + "\n")
         return
+    if output.mode == "quiet":
+        accuracy = _number(result.mean.get("accuracy"))
+        sys.stdout.write(f"{chosen} baseline: mean site accuracy {'–' if accuracy is None else f'{accuracy:.3f}'}\n")
+        return
     what = "one model trained on pooled data" if chosen == "pooled" else "each site's own model"
-    _console.print(
+    console.print(
         _site_table(
             f"{chosen} baseline: {what}, each site's own test split",
             result.sites,
@@ -540,20 +508,26 @@ def baseline(
     )
 
 
-@app.command("audit-privacy")
+@app.command("audit-privacy", rich_help_panel=_INSPECT)
 def audit_privacy(
-    run: Annotated[Path, typer.Argument(help="Run directory written by `fedcare simulate`.")],
+    run: Annotated[Path, typer.Argument(help="Run directory written by fedcare simulate.")],
     shadow_models: Annotated[int, typer.Option("--shadow-models", help="Shadow federations for LiRA (at least 2).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shadows' data halves, weights and batches.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table: errors on stderr, then the audit file's path.")] = False,
 ) -> None:
     """Membership inference against a run's final model: can an attacker tell who trained it?"""
     from fedcare.privacy.audit import AUDIT_FILENAME, audit_run
 
-    with _fedcare_errors():
+    output = output_mode(as_json, quiet)
+    output.run_dir = run
+    with fedcare_errors(output):
         audit = audit_run(run, shadow_models=shadow_models, seed=seed)
-    if as_json:
+    if output.mode == "json":
         sys.stdout.write(json.dumps(audit.to_dict()) + "\n")
+        return
+    if output.mode == "quiet":
+        sys.stdout.write(f"{run / AUDIT_FILENAME}\n")
         return
     table = Table(
         title=f"membership inference, {audit.shadow_models} shadow federations: members = training records, "
@@ -585,117 +559,26 @@ def audit_privacy(
     table.add_section()
     mean = audit.mean_auc()
     table.add_row("mean of sites", "", "", cell(mean["loss_threshold"]), cell(mean["lira"]), "", "", style="bold")
-    _console.print(table)
-    _console.print("AUC 0.5: the attack does no better than guessing; 1.0: it tells every member apart.", highlight=False)
+    console.print(table)
+    console.print("AUC 0.5: the attack does no better than guessing; 1.0: it tells every member apart.", highlight=False)
     if coarse:
-        _console.print(
+        console.print(
             "* below the resolution of the site's non-members: the TPR is read at FPR = 1 / non-members.",
             highlight=False,
         )
-    _console.print(f"written to {run / AUDIT_FILENAME}  ({audit.wall_s:.1f} s)", highlight=False, soft_wrap=True)
+    console.print(f"written to {run / AUDIT_FILENAME}  ({audit.wall_s:.1f} s)", highlight=False, soft_wrap=True)
 
 
-certs_app = typer.Typer(
-    help="The federation's certificates: a CA, the coordinator's server certificate, one per node.",
-    no_args_is_help=True,
-)
-app.add_typer(certs_app, name="certs")
-app.add_typer(node_app, name="node")
-app.add_typer(data_app, name="data")
-app.add_typer(audit_app, name="audit")
+app.add_typer(certs_app, name="certs", rich_help_panel=_SET_UP)
+app.add_typer(node_app, name="node", rich_help_panel=_RUN)
+app.add_typer(data_app, name="data", rich_help_panel=_INSPECT)
+app.add_typer(audit_app, name="audit", rich_help_panel=_INSPECT)
 
+app.command("report", rich_help_panel=_INSPECT)(report_command)
 
-@certs_app.command("init")
-def certs_init(
-    federation: Annotated[str, typer.Option("--federation", help="Federation name, used in the CA's name.")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for the CA (created if missing).")],
-    lifetime_days: Annotated[int, typer.Option("--lifetime-days", help="CA validity in days.")] = 365,
-) -> None:
-    """Create the federation's CA: ca.pem, ca.key (mode 0600) and an empty crl.pem."""
-    from fedcare.transport.pki import init_ca
-
-    with _fedcare_errors():
-        ca_path = init_ca(out, federation=federation, lifetime_days=lifetime_days)
-    _console.print(f"CA certificate: {ca_path}", highlight=False, soft_wrap=True)
-    _console.print(f"CA key (keep it off the nodes): {ca_path.with_name('ca.key')}", highlight=False, soft_wrap=True)
-    _console.print(f"revocation list: {ca_path.with_name('crl.pem')}", highlight=False, soft_wrap=True)
-
-
-@certs_app.command("issue")
-def certs_issue(
-    role: Annotated[str, typer.Option("--role", help="server (the coordinator) or node (a site).")],
-    name: Annotated[str, typer.Option("--name", help="Common name; a node's identity in the plan.")],
-    certs: Annotated[Path, typer.Option("--certs", help="The CA directory.")] = Path("certs"),
-    lifetime_days: Annotated[int, typer.Option("--lifetime-days", help="Validity in days.")] = 30,
-    host: Annotated[
-        list[str] | None, typer.Option("--host", help="Server only: a DNS name or IP clients dial (repeatable).")
-    ] = None,
-) -> None:
-    """Issue a certificate and key signed by the CA in --certs."""
-    from fedcare.transport.pki import issue_certificate
-
-    with _fedcare_errors():
-        if role not in ("server", "node"):
-            raise ConfigError(f"must be 'server' or 'node', got {role!r}", field="--role")
-        chosen: Literal["server", "node"] = "server" if role == "server" else "node"
-        hosts = tuple(host) if host else ("localhost", "127.0.0.1")
-        cert_path, key_path = issue_certificate(
-            certs, role=chosen, name=name, lifetime_days=lifetime_days, hosts=hosts
-        )
-    _console.print(f"{chosen} certificate for {name}: {cert_path}", highlight=False, soft_wrap=True)
-    _console.print(f"private key (mode 0600): {key_path}", highlight=False, soft_wrap=True)
-
-
-@certs_app.command("revoke")
-def certs_revoke(
-    name: Annotated[str, typer.Argument(help="The node's name, or the server's.")],
-    certs: Annotated[Path, typer.Option("--certs", help="The CA directory.")] = Path("certs"),
-) -> None:
-    """Put a certificate on the CA's revocation list (crl.pem)."""
-    from fedcare.transport.pki import revoke_certificate
-
-    with _fedcare_errors():
-        serial = revoke_certificate(certs, name)
-    _console.print(f"revoked {name} (serial {serial:x}); updated {certs / 'crl.pem'}", highlight=False, soft_wrap=True)
-
-
-@certs_app.command("fingerprint")
-def certs_fingerprint(
-    name: Annotated[str, typer.Argument(help="The certificate's stem in --certs (default: server, the coordinator's).")] = "server",
-    certs: Annotated[Path, typer.Option("--certs", help="The directory holding NAME.pem.")] = Path("certs"),
-) -> None:
-    """Print a certificate's SHA-256 fingerprint: what a site pins as policy.coordinator_fingerprint."""
-    from fedcare.transport.pki import certificate_sha256, read_pem
-
-    with _fedcare_errors():
-        fingerprint = certificate_sha256(read_pem(certs / f"{name}.pem"))
-    _console.print(fingerprint, highlight=False)
-
-
-@certs_app.command("list")
-def certs_list(
-    certs: Annotated[Path, typer.Option("--certs", help="The CA directory.")] = Path("certs"),
-) -> None:
-    """List the server and node certificates the CA in --certs issued."""
-    from fedcare.transport.pki import list_certificates
-
-    with _fedcare_errors():
-        issued = list_certificates(certs)
-    table = Table(title=f"certificates in {certs}", title_justify="left")
-    table.add_column("name", no_wrap=True)
-    table.add_column("role", no_wrap=True)
-    table.add_column("serial", overflow="fold")
-    table.add_column("not after", no_wrap=True)
-    table.add_column("revoked?", no_wrap=True)
-    for item in issued:
-        table.add_row(
-            item.name,
-            item.role,
-            f"{item.serial:x}",
-            item.not_valid_after.strftime("%Y-%m-%d %H:%M UTC"),
-            "[red]yes[/]" if item.revoked else "no",
-        )
-    _console.print(table)
+#: The exit-code table (see :data:`fedcare.cli_common.EXIT_CODES`).
+_EXIT_CODES = EXIT_CODES
+__all__ = ["app", "demo_plan_path", "exit_code", "main"]
 
 
 def main() -> None:

@@ -40,10 +40,13 @@ def check(
         Path | None, typer.Option("--plan", help="The plan to check against (labels, input_shape, features).")
     ] = None,
     min_examples: Annotated[int, typer.Option("--min-examples", help="Warn about classes with fewer examples.")] = 10,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No tables: only the errors, on stderr.")] = False,
 ) -> None:
-    """Read every dataset of NODE_YAML as the node would; exit 1 if any has an error."""
+    """Read every dataset of NODE_YAML as the node would; exit 3 if any has an error (2: bad node.yaml)."""
+    from fedcare.cli_common import exit_code
     from fedcare.data.check import check_site
+    from fedcare.errors import DataError
     from fedcare.plan import load_plan
 
     try:
@@ -54,14 +57,18 @@ def check(
             typer.echo(json.dumps({"ok": False, "error": str(exc), "datasets": []}, indent=2))
         else:
             _errors.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(exc)) from None
     ok = all(result.ok for result in results)
     if json_output:
         typer.echo(json.dumps({"ok": ok, "datasets": [r.to_dict() for r in results]}, indent=2))
+    elif quiet:
+        for result in results:
+            for error in result.errors:
+                _errors.print(f"[bold red]error:[/] {escape(result.name)}: {escape(error)}", highlight=False, soft_wrap=True)
     else:
         for result in results:
             _render(result)
-    raise typer.Exit(0 if ok else 1)
+    raise typer.Exit(0 if ok else exit_code(DataError("")))
 
 
 def _render(result: DatasetCheck) -> None:

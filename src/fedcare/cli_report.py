@@ -13,17 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedcare.errors import ConfigError, DataError, FedcareError
+from fedcare.cli_common import fedcare_errors
 
 __all__ = ["report_command"]
-
-
-def _exit_code(error: FedcareError) -> int:
-    if isinstance(error, ConfigError):
-        return 2
-    if isinstance(error, DataError):
-        return 3
-    return 1
 
 
 def report_command(
@@ -35,8 +27,8 @@ def report_command(
     """Build the run's self-contained report (plots embedded) and write RUN/report.html.
 
     Works on finished, failed and still-running runs alike. Exit codes: 0
-    written, 3 the run directory or its metrics.jsonl is missing or malformed,
-    2 a configuration error, 1 any other fedcare error.
+    written, 3 the run directory or its metrics.jsonl is missing or malformed;
+    the others as for every command (``fedcare --help``).
 
     Examples
     --------
@@ -50,12 +42,9 @@ def report_command(
     """
     from fedcare.report import RunRecord, write_report
 
-    try:
+    with fedcare_errors():
         record = RunRecord.from_run_dir(run)
         path = write_report(run, record=record)
-    except FedcareError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(_exit_code(exc)) from None
     if as_json:
         sys.stdout.write(json.dumps({"report": str(path), "sites": len(record.sites), "rounds": record.rounds_completed}) + "\n")
         return

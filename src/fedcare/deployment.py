@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
@@ -20,7 +20,7 @@ from fedcare.data.catalog import DatasetCatalog
 from fedcare.data.manifest import DatasetManifest, ManifestDataset, load_manifest_site
 from fedcare.errors import ConfigError, DataError, FedcareError, FederationError, PolicyViolation
 from fedcare.federation.coordinator import Coordinator, EventCallback, RunResult
-from fedcare.federation.node import Node
+from fedcare.federation.node import Node, ProgressCallback
 from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.messages import Job, JobResult
@@ -30,7 +30,11 @@ from fedcare.simulation import check_plan, initial_parameters
 from fedcare.strategies import make_strategy
 from fedcare.tasks.base import SiteData
 from fedcare.tasks.registry import TaskRegistry
+from fedcare.tracking import chain_events, make_tracker, run_tracked
 from fedcare.transport.base import NodeChannel
+
+if TYPE_CHECKING:
+    from fedcare.transport.grpc_server import GrpcTransport
 
 __all__ = [
     "DatasetBinding",
@@ -191,6 +195,7 @@ def run_node(
     catalog: DatasetCatalog | None = None,
     give_up_after_s: float | None = None,
     approval_poll_s: float = 1.0,
+    on_progress: ProgressCallback | None = None,
 ) -> None:
     """Join the federation at ``coordinator`` and serve jobs until the run ends, once the site approved the plan.
 
@@ -201,6 +206,9 @@ def run_node(
     approves at once under ``auto_approve``). Every step goes into the site's
     audit log, and the site's answer (pending, approved, rejected, refused
     with the reason) goes to the coordinator.
+
+    ``on_progress`` receives ``(node_id, round, steps_done, steps_planned)``
+    during each local training job (see :class:`~fedcare.federation.node.Node`).
 
     Raises
     ------
@@ -280,6 +288,7 @@ def run_node(
             policy=config.policy,
             ledger_dir=config.ledger_dir or Path(f"{config.name}-privacy-ledger"),
             state_dir=config.state_dir or Path(f"{config.name}-state"),
+            on_progress=on_progress,
         ).serve(AuditedChannel(channel, audit=audit, plan=plan))
         audit.append("run_finished", run_id=channel.run_id)
     finally:
@@ -353,6 +362,7 @@ def serve(
     on_listening: Any = None,
     capture_handshake_log: bool = False,
     heartbeat_interval_s: float = 3.0,
+    on_transport: Callable[[GrpcTransport], None] | None = None,
 ) -> RunResult:
     """Listen for nodes over mutual TLS and run the plan.
 
@@ -371,6 +381,9 @@ def serve(
         with those present (at least ``plan.min_nodes``).
     on_listening : callable, optional
         Called with the port once the server listens.
+    on_transport : callable, optional
+        Called with the listening transport (a live dashboard asks it who is
+        online and what each site answered to the plan).
     capture_handshake_log : bool
         Turn gRPC's TLS handshake refusals into log records and events
         (replaces this process's standard error with a pipe; for the
@@ -385,9 +398,15 @@ def serve(
     Raises
     ------
     ConfigError
-        If the plan lists no nodes or is otherwise invalid.
+        If the plan lists no nodes or is otherwise invalid, or it tracks with
+        MLflow (``plan.tracking``) and MLflow is not installed here.
     FederationError
         If fewer than ``plan.min_nodes`` nodes join in time or a round ends short.
+
+    Notes
+    -----
+    With ``plan.tracking``, the coordinator's events also go to MLflow (see
+    :class:`~fedcare.tracking.MlflowTracker`), after ``on_event``.
     """
     from fedcare.transport import pki
     from fedcare.transport.grpc_server import GrpcTransport, HandshakeLogMonitor
@@ -398,6 +417,7 @@ def serve(
     catalog = catalog or DatasetCatalog.bundled()
     check_plan(plan, registry=registry, catalog=catalog, deployed=True)
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
+    tracker = make_tracker(plan, run_dir.path if run_dir is not None else None)
 
     def emit(event: dict[str, Any]) -> None:
         if run_dir is not None:
@@ -424,6 +444,8 @@ def serve(
         transport.set_run(run_id)
         if on_listening is not None:
             on_listening(transport.port)
+        if on_transport is not None:
+            on_transport(transport)
         joined = transport.wait_for_nodes(len(plan.nodes), timeout_s=wait_for_nodes_s)
         if len(joined) < plan.min_nodes:
             raise FederationError(
@@ -450,9 +472,9 @@ def serve(
             initial_parameters=initial_parameters(task, spec, plan),
             statistics_width=spec.channels,
             run_dir=run_dir,
-            on_event=on_event,
+            on_event=chain_events(on_event, tracker.on_event if tracker is not None else None),
             run_id=run_id,
         )
-        return coordinator.run()
+        return run_tracked(tracker, coordinator.run)
     finally:
         transport.close()

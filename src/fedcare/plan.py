@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from fedcare.errors import ConfigError
@@ -30,6 +30,7 @@ __all__ = [
     "SecureAggregationConfig",
     "SiteLevelPrivacy",
     "StrategyConfig",
+    "TrackingConfig",
     "load_plan",
     "parse_plan",
     "plan_hash",
@@ -467,6 +468,44 @@ class ApprovalConfig(_Section):
     proceed: Literal["with-approved", "when-all-approved"] = "with-approved"
 
 
+class TrackingConfig(_Section):
+    """Where the coordinator records the run for experiment tracking (MLflow).
+
+    Only the coordinator reads this section: it logs the plan's settings and
+    the aggregate metrics of each round, never patient data. ``tracking:
+    mlflow`` is short for ``tracking: {backend: mlflow}``.
+
+    Attributes
+    ----------
+    backend : {"mlflow"}
+        The tracking backend; needs ``pip install 'fedcare[mlflow]'`` where
+        the run starts (not at the sites).
+    uri : str, optional
+        The tracking URI. Default: ``sqlite:///RUN_DIR/mlflow.db``, with the
+        artifacts in ``RUN_DIR/mlruns``. Put no credentials here: the plan is
+        sent to every site; MLflow reads them from its environment variables.
+    experiment : str, optional
+        The experiment's name. Default: the plan's ``name``.
+
+    Examples
+    --------
+    >>> parse_plan({"task": "tabular-logistic", "dataset": {"name": "heart-disease"}, "rounds": 1,
+    ...             "tracking": "mlflow"}).tracking
+    TrackingConfig(backend='mlflow', uri=None, experiment=None)
+    """
+
+    backend: Literal["mlflow"]
+    uri: str | None = Field(default=None, min_length=1)
+    experiment: str | None = Field(default=None, min_length=1)
+
+
+def _tracking_shorthand(value: Any) -> Any:
+    """``tracking: mlflow`` is ``{backend: mlflow}``; ``tracking: none`` is no tracking."""
+    if isinstance(value, str):
+        return None if value == "none" else {"backend": value}
+    return value
+
+
 class Plan(_Section):
     """One federated training run.
 
@@ -496,9 +535,14 @@ class Plan(_Section):
     model: ModelConfig = ModelConfig()
     seed: int = 0
     round_timeout_s: float | None = Field(default=None, gt=0)
+    #: The coordinator refuses (does not clip) an update whose L2 norm is above this: a site that far
+    #: off is broken or hostile. Not checked under secure aggregation, where no single update is seen
+    #: and the sites clip each coordinate (``secure_aggregation.clip``) instead.
+    max_update_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     approval: ApprovalConfig = ApprovalConfig()
+    tracking: Annotated[TrackingConfig | None, BeforeValidator(_tracking_shorthand)] = None
 
     @model_validator(mode="after")
     def _minimum_fits(self) -> Plan:
@@ -723,5 +767,7 @@ def plan_hash(plan: Plan) -> str:
     >>> len(plan_hash(p))
     64
     """
-    canonical = json.dumps(plan.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # Without tracking the hash is the one of a plan written before ``tracking`` existed.
+    dumped = plan.model_dump(mode="json", exclude={"tracking"} if plan.tracking is None else None)
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -15,7 +15,7 @@ from fedcare.data.catalog import BundledDataset, DatasetCatalog
 from fedcare.data.manifest import ManifestDataset
 from fedcare.errors import ConfigError, DataError
 from fedcare.federation.coordinator import Coordinator, EventCallback, RunResult, check_participation
-from fedcare.federation.node import Node, RefusingNode
+from fedcare.federation.node import Node, ProgressCallback, RefusingNode
 from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.params import Parameters
@@ -24,6 +24,7 @@ from fedcare.simulation_attacks import Attack, attacked_runner
 from fedcare.strategies import make_strategy
 from fedcare.tasks.base import DataSpec, SiteData, Task
 from fedcare.tasks.registry import TaskRegistry
+from fedcare.tracking import chain_events, check_tracking, make_tracker, run_tracked
 from fedcare.transport.inproc import InProcTransport
 
 __all__ = ["check_plan", "default_run_dir", "initial_parameters", "simulate"]
@@ -52,7 +53,9 @@ def check_plan(
     ------
     ConfigError
         Naming the field (``plan.task``, ``plan.dataset.name``, ``plan.nodes``,
-        ``plan.nodes_per_round``, ``plan.min_nodes``) and the value received.
+        ``plan.nodes_per_round``, ``plan.min_nodes``) and the value received;
+        at ``plan.tracking`` if the plan tracks with MLflow and MLflow is not
+        installed here.
         With ``deployed=True`` the plan's nodes are certificate names and are
         not checked against a bundled dataset's sites.
 
@@ -65,6 +68,7 @@ def check_plan(
     ...
     fedcare.errors.ConfigError: plan.nodes_per_round: asks for 9 nodes per round but only 4 nodes exist (cleveland, hungary, switzerland, va-long-beach)
     """
+    check_tracking(plan)
     registry = registry or TaskRegistry.from_entry_points()
     catalog = catalog or DatasetCatalog.bundled()
     if plan.task not in registry:
@@ -203,6 +207,7 @@ def simulate(
     policies: Mapping[str, NodePolicy] | None = None,
     ledger_dir: str | Path | None = None,
     attacks: Mapping[str, Attack] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RunResult:
     """Run the plan with every site of its dataset as an in-process node.
 
@@ -232,6 +237,10 @@ def simulate(
         **Research only**: sites that misbehave, by site name (see
         :mod:`fedcare.simulation_attacks`), to study robust aggregation. Never
         available outside simulation.
+    on_progress : callable, optional
+        Receives ``(node_id, round, steps_done, steps_planned)`` from each
+        site during local training, at most about 10 times a second per site
+        (see :class:`~fedcare.federation.node.Node`).
 
     Returns
     -------
@@ -242,7 +251,9 @@ def simulate(
     ConfigError
         If the plan names an unknown task, dataset or node, ``attacks`` names a
         site that does not take part, or an attack that rewrites updates is asked
-        for under secure aggregation (the update never leaves the site).
+        for under secure aggregation (the update never leaves the site); or the
+        plan tracks with MLflow and MLflow is missing, or there is neither
+        ``out_dir`` nor ``plan.tracking.uri`` to track to.
     FederationError
         If a round ends with fewer than ``plan.min_nodes`` nodes.
 
@@ -265,6 +276,7 @@ def simulate(
     attacks = dict(attacks or {})
     _check_attacks(plan, attacks, sites=list(sites))
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
+    tracker = make_tracker(plan, run_dir.path if run_dir is not None else None)
     with contextlib.ExitStack() as stack, InProcTransport(max_concurrency=max_concurrency) as transport:
         ledgers = _ledger_root(plan, run_dir, ledger_dir, stack)
         for site, data in sites.items():
@@ -278,6 +290,7 @@ def simulate(
                 ledger_dir=None if ledgers is None else ledgers / site,
                 state_dir=None if run_dir is None else run_dir.path / "node-state" / site,
                 secure_noise=False,  # a simulated study can be repeated; deployments draw noise from the OS
+                on_progress=on_progress,
             )
             runner = node.serve if attack is None else attacked_runner(node.serve, attack, node_id=site)
             transport.add_node(site, runner)
@@ -297,6 +310,7 @@ def simulate(
             initial_parameters=initial_parameters(task, spec, plan),
             statistics_width=spec.channels,
             run_dir=run_dir,
-            on_event=on_event,
+            on_event=chain_events(on_event, tracker.on_event if tracker is not None else None),
         )
-        return coordinator.run(resume=resume)
+        return run_tracked(tracker, lambda: coordinator.run(resume=resume))
+

@@ -58,19 +58,19 @@ def test_json_output_parses_with_counts_per_federation_label(good_site):
     assert entry["ok"] and entry["errors"] == []
 
 
-def test_unmapped_label_exits_1_naming_it(good_site):
+def test_unmapped_label_exits_3_naming_it(good_site):
     node, _ = good_site
     (node.parent / "images" / "OTHER").mkdir()
     (node.parent / "images" / "OTHER" / "x.png").write_bytes(next((node.parent / "images" / "MAL").iterdir()).read_bytes())
     result = runner.invoke(app, ["data", "check", str(node)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "OTHER" in result.output and "label_map" in result.output
 
 
-def test_unknown_manifest_key_exits_1_naming_it(tmp_path):
+def test_unknown_manifest_key_exits_3_naming_it(tmp_path):
     node = write_node(tmp_path, {"scans": {"format": "imagefolder", "path": "images", "lable_map": {"a": "b"}}})
     result = runner.invoke(app, ["data", "check", str(node)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "node.datasets.scans.lable_map" in result.output
 
 
@@ -78,7 +78,7 @@ def test_plan_vocabulary_refuses_labels_it_does_not_list(good_site, tmp_path):
     node, _ = good_site
     plan = plan_file(tmp_path, labels=("malignant", "normal"))
     result = runner.invoke(app, ["data", "check", str(node), "--plan", str(plan), "--json"])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     [entry] = json.loads(result.output)["datasets"]
     assert any("'benign'" in error for error in entry["errors"])
 
@@ -98,6 +98,6 @@ def test_missing_path_is_an_error_naming_the_field(tmp_path):
     assert check.errors and check.errors[0].startswith("path:")
 
 
-def test_unreadable_node_yaml_exits_1(tmp_path):
+def test_unreadable_node_yaml_exits_2(tmp_path):
     result = runner.invoke(app, ["data", "check", str(tmp_path / "missing.yaml")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2

@@ -114,7 +114,7 @@ def test_coordinator_refuses_node_certified_by_another_ca(
         give_up_after_s=3,
     )
 
-    assert node.wait(timeout_s=60) == 1
+    assert node.wait(timeout_s=60) == 5  # TransportError
     assert "unreachable for 3 s: UNAVAILABLE" in node.stderr()  # TLS refusals reach the node only as a dropped link
     wait_for_refusal(refusing_coordinator, seen, "UNKNOWN_CA")
     assert "refused a connection: certificate not signed by the federation CA" in refusing_coordinator.process.stderr()
@@ -136,7 +136,7 @@ def test_coordinator_refuses_node_with_expired_certificate(
         certs_dir=layout.certs_dir, give_up_after_s=3,
     )
 
-    assert node.wait(timeout_s=60) == 1
+    assert node.wait(timeout_s=60) == 5  # TransportError
     assert "unreachable for 3 s: UNAVAILABLE" in node.stderr()
     wait_for_refusal(refusing_coordinator, seen, "EXPIRED")
     assert "refused a connection: certificate expired or not yet valid" in refusing_coordinator.process.stderr()
@@ -154,7 +154,7 @@ def test_coordinator_refuses_node_whose_certificate_was_revoked_while_it_waited(
         certs_dir=layout.certs_dir, give_up_after_s=5,
     )
 
-    assert node.wait(timeout_s=60) == 1
+    assert node.wait(timeout_s=60) == 6  # PolicyViolation
     assert "the coordinator refused this node: refused: certificate revoked" in node.stderr()
     [event, *_] = wait_for_refusal(refusing_coordinator, seen, "REVOKED")
     assert event["node_id"] == "hungary"
@@ -174,7 +174,7 @@ def test_coordinator_refuses_valid_node_the_plan_does_not_name(
         "st-elsewhere", config, port=refusing_coordinator.port, certs_dir=layout.certs_dir, give_up_after_s=5
     )
 
-    assert node.wait(timeout_s=60) == 1
+    assert node.wait(timeout_s=60) == 6  # PolicyViolation
     assert "the coordinator refused this node: refused: node not admitted by the plan" in node.stderr()
     [event, *_] = wait_for_refusal(refusing_coordinator, seen, "NOT_IN_PLAN")
     assert event["node_id"] == "st-elsewhere"

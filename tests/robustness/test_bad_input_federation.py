@@ -80,7 +80,9 @@ CASES: list[tuple[str, BadAnswer, str]] = [
 ]
 
 
-def run_with(bad: BadAnswer, *, round_timeout_s: float | None = None) -> tuple[Any, list[dict[str, Any]]]:
+def run_with(
+    bad: BadAnswer, *, round_timeout_s: float | None = None, max_update_norm: float | None = None
+) -> tuple[Any, list[dict[str, Any]]]:
     plan = parse_plan(
         {
             "task": "plus-one",
@@ -89,6 +91,7 @@ def run_with(bad: BadAnswer, *, round_timeout_s: float | None = None) -> tuple[A
             "min_nodes": 3,
             "evaluation": {"every_rounds": ROUNDS},
             "round_timeout_s": round_timeout_s,
+            "max_update_norm": max_update_norm,
         }
     )
     events: list[dict[str, Any]] = []
@@ -117,6 +120,20 @@ def test_bad_training_result_is_refused_by_name_and_changes_nothing(
     assert [(f["round"], f["node_id"]) for f in failures] == [(r, "hostile") for r in range(1, ROUNDS + 1)]
     assert all(message in f["error"] for f in failures), failures
     assert sum("node failed a job" in r.getMessage() for r in caplog.records) == ROUNDS
+    assert_only_the_honest_updates_count(result)
+
+
+def test_an_update_above_the_norm_bound_is_refused_not_clipped(caplog: pytest.LogCaptureFixture) -> None:
+    def scaled(job: Job, good: JobResult) -> list[JobResult]:
+        assert good.update is not None
+        return [replace(good, update=Parameters.from_flat(good.update.flatten() * np.float32(100), good.update.spec))]
+
+    with caplog.at_level(logging.WARNING, logger="fedcare.federation.coordinator"):
+        result, events = run_with(scaled, max_update_norm=10.0)  # honest updates have norm sqrt(9) = 3
+
+    failures = [e for e in events if e["event"] == "node_failed"]
+    assert [f["node_id"] for f in failures] == ["hostile"] * ROUNDS
+    assert all("above the plan's max_update_norm of 10" in f["error"] for f in failures), failures
     assert_only_the_honest_updates_count(result)
 
 

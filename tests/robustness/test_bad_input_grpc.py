@@ -19,7 +19,7 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from fedcare.messages import Job, JobKind, JobResult  # noqa: E402
+from fedcare.messages import Job, JobResult  # noqa: E402
 from fedcare.params import Parameters  # noqa: E402
 from fedcare.plan import parse_plan  # noqa: E402
 from fedcare.transport import pki, wire  # noqa: E402

@@ -64,6 +64,6 @@ def test_a_site_with_an_unmapped_label_refuses_and_the_coordinator_learns_why(ex
     refusals = [f for f in result.failures if f["node_id"] == "hospital-b"]
     assert refusals and all("refuses the plan" in f["error"] and "'Pneumonia (viral)'" in f["error"] for f in refusals)
     assert result.train_examples.get("hospital-a", 0) > 0 and "hospital-b" not in result.train_examples
-    # data check says the same, and exits 1.
+    # data check says the same, and exits 3 (a data error).
     out = CliRunner().invoke(app, ["data", "check", str(site_b / "node.yaml")])
-    assert out.exit_code == 1 and "Pneumonia (viral)" in out.output
+    assert out.exit_code == 3 and "Pneumonia (viral)" in out.output

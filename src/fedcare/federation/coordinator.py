@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[dict[str, Any]], None]
 
+#: A node's transport counters travel as result metrics with this prefix (numbers only).
+_TRANSPORT_PREFIX = "transport_"
+
 
 @dataclass(frozen=True)
 class EvaluationSummary:
@@ -211,6 +214,8 @@ class Coordinator:
         self._gate = ApprovalGate(plan, transport=transport, emit=self._emit, audit=audit)
         # Payload bytes sent to (down) and received from (up) each node since the last event that reported them.
         self._traffic: dict[str, list[int]] = {}
+        # What unreliable links cost each node (retries, resumed transfers) since the last event that reported it.
+        self._transport: dict[str, dict[str, int]] = {}
 
     # -- public ----------------------------------------------------------------
 
@@ -520,6 +525,7 @@ class Coordinator:
                 "train_loss": sum(l * n for l, n in losses) / total if total else None,
                 "duration_s": time.perf_counter() - round_started,
                 "bytes": self._take_traffic(),
+                **self._take_transport(),
                 **secure_metrics,
                 **self._epsilon_metrics(selected, result),
                 **({"site_level_dp": m} if (m := self.strategy.round_metrics()) else {}),
@@ -691,6 +697,7 @@ class Coordinator:
                 "mean": evaluation.mean,
                 "pooled": evaluation.pooled,
                 "bytes": self._take_traffic(),
+                **self._take_transport(),
             }
         )
         return evaluation
@@ -732,6 +739,7 @@ class Coordinator:
             pending[job.job_id] = node
             self._count(node, down=job.payload_bytes)
         for answer in self.transport.results(list(pending), timeout_s=self.plan.round_timeout_s):
+            answer = self._count_transport(answer)
             expected = pending.pop(answer.job_id, None)
             if expected is None:
                 logger.warning("refused a result for a job that is not outstanding", extra={"node_id": answer.node_id})
@@ -772,6 +780,11 @@ class Coordinator:
             raise ProtocolError(f"update contains {bad} non-finite values (NaN or Inf)")
         if answer.num_examples <= 0:
             raise ProtocolError(f"update reports {answer.num_examples} training examples")
+        limit = self.plan.max_update_norm
+        if limit is not None:
+            norm = float(np.linalg.norm(values.astype(np.float64, copy=False)))
+            if norm > limit:
+                raise ProtocolError(f"update has L2 norm {norm:.4g}, above the plan's max_update_norm of {limit:g}")
         return update
 
     def _record_failure(self, result: RunResult, answer: JobResult, message: str) -> None:
@@ -801,6 +814,23 @@ class Coordinator:
         taken = {node: {"down": down, "up": up} for node, (down, up) in sorted(self._traffic.items())}
         self._traffic = {}
         return taken
+
+    def _count_transport(self, answer: JobResult) -> JobResult:
+        """Take a node's transport counters (``transport_*`` metrics, see ``GrpcNodeChannel``) out of its answer."""
+        counters = {name: value for name, value in answer.metrics.items() if name.startswith(_TRANSPORT_PREFIX)}
+        if not counters:
+            return answer
+        totals = self._transport.setdefault(answer.node_id, {})
+        for name, value in counters.items():
+            key = name.removeprefix(_TRANSPORT_PREFIX)
+            totals[key] = totals.get(key, 0) + int(value)
+        return dataclasses.replace(answer, metrics={k: v for k, v in answer.metrics.items() if k not in counters})
+
+    def _take_transport(self) -> dict[str, Any]:
+        """``{"transport": {node: {"retries": n, ...}}}`` since the last call, then reset; empty when no node reported."""
+        taken = {node: dict(sorted(counts.items())) for node, counts in sorted(self._transport.items())}
+        self._transport = {}
+        return {"transport": taken} if taken else {}
 
     def _emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}

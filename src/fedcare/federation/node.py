@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,82 @@ from fedcare.tasks.base import SiteData, Task, TrainHook
 from fedcare.tasks.hooks import ProximalTerm
 from fedcare.transport.base import NodeChannel
 
-__all__ = ["Node", "RefusingNode"]
+__all__ = ["Node", "ProgressCallback", "RefusingNode", "TrainingProgress"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_ERROR_CHARS = 500
+
+#: Receives ``(node_id, round, steps_done, steps_planned)`` during local training.
+ProgressCallback = Callable[[str, int, int, int], None]
+
+
+class TrainingProgress(TrainHook):
+    """Reports local training's optimizer steps to a callback, at most every ``min_interval_s`` seconds.
+
+    It only counts: the loss goes back unchanged and it wraps nothing, so
+    training with it gives exactly the weights training without it gives.
+    The first and the last planned step are always reported.
+
+    Parameters
+    ----------
+    callback : callable
+        Called as ``callback(node_id, round, steps_done, steps_planned)``.
+    node_id : str
+        The site training.
+    round : int
+        The federation round.
+    steps_planned : int
+        Optimizer steps the round plans (see
+        :func:`fedcare.tasks.torch_task.planned_steps`).
+    min_interval_s : float
+        Least time between two calls, in seconds (default 0.1: about 10 a second).
+
+    Examples
+    --------
+    >>> calls = []
+    >>> hook = TrainingProgress(lambda *a: calls.append(a), node_id="site-0", round=1, steps_planned=3,
+    ...                         min_interval_s=3600)
+    >>> [hook.on_loss(None, loss) for loss in (0.5, 0.4, 0.3)]
+    [0.5, 0.4, 0.3]
+    >>> calls
+    [('site-0', 1, 1, 3), ('site-0', 1, 3, 3)]
+    """
+
+    def __init__(
+        self,
+        callback: ProgressCallback,
+        *,
+        node_id: str,
+        round: int,  # noqa: A002 - the federation's own word
+        steps_planned: int,
+        min_interval_s: float = 0.1,
+    ) -> None:
+        self.callback = callback
+        self.node_id = node_id
+        self.round = round
+        self.steps_planned = steps_planned
+        self.min_interval_s = min_interval_s
+        self.steps_done = 0
+        self._last_call_s = -float("inf")
+
+    def on_loss(self, model: Any, loss: Any) -> Any:
+        self.steps_done += 1
+        now = time.monotonic()
+        if self.steps_done == self.steps_planned or now - self._last_call_s >= self.min_interval_s:
+            self._last_call_s = now
+            self._report()
+        return loss
+
+    def close(self) -> None:
+        if self.steps_done and self.steps_done != self.steps_planned:
+            self._report()  # a round that stopped early (or ran over) still shows where it ended
+
+    def _report(self) -> None:
+        try:
+            self.callback(self.node_id, self.round, self.steps_done, self.steps_planned)
+        except Exception as exc:  # a display must not fail training
+            logger.warning("progress callback raised", extra={"node_id": self.node_id, "error_type": type(exc).__name__})
 
 
 class Node:
@@ -58,6 +130,10 @@ class Node:
     secure_noise : bool
         Seed DP noise from the operating system (default). Simulations pass
         ``False`` to derive it from the job seeds, so a study can be repeated.
+    on_progress : callable, optional
+        Called as ``on_progress(node_id, round, steps_done, steps_planned)``
+        during local training, at most about 10 times a second (see
+        :class:`TrainingProgress`); it does not change what training computes.
 
     Examples
     --------
@@ -84,8 +160,10 @@ class Node:
         ledger_dir: Path | None = None,
         state_dir: Path | None = None,
         secure_noise: bool = True,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         self.node_id = node_id
+        self.on_progress = on_progress
         self.task = task
         self.plan = plan
         self.policy = policy or NodePolicy()
@@ -142,6 +220,8 @@ class Node:
                     node_id=self.node_id,
                     round=job.round,
                 )
+            if job.parameters is not None:
+                _check_finite(job.parameters)  # before any training: a refused job reads no record, spends no budget
             if job.kind is JobKind.TRAIN:
                 result = self._train(job)
             elif job.kind is JobKind.EVALUATE:
@@ -173,7 +253,9 @@ class Node:
             # Check the round's settings (and the policy) before spending time on training.
             context, _, _ = NodeSecureAggregation.context_from(secure, run_id=job.run_id, round_number=job.round)
             self.policy.check_participants(context.params.num_nodes, stage="announced")
-        seed = int(job.config.get("seed", 0))
+        seed = job.config.get("seed", 0)
+        if type(seed) is not int:
+            raise ProtocolError(f"the job's seed must be an integer, got {type(seed).__name__}")
         hooks: list[TrainHook] = []
         if self._privacy is not None:
             # Refused here, before any training, if the round would overspend the site's budget.
@@ -192,6 +274,12 @@ class Node:
         personal_metrics: dict[str, float] = {}
         if DITTO_KEY in job.config:
             personal_metrics = self._train_personal(job.parameters, float(job.config[DITTO_KEY]), data, seed=seed)
+        if self.on_progress is not None:
+            # Last, so it counts the steps after every other hook shaped the loss; it changes nothing.
+            from fedcare.tasks.torch_task import planned_steps
+
+            planned = planned_steps(len(data.train), self.plan.local) if len(data.train) else 0
+            hooks.append(TrainingProgress(self.on_progress, node_id=self.node_id, round=job.round, steps_planned=planned))
         outcome = self.task.train(model, data.train, self.plan, seed=seed, hooks=hooks)
         privacy_metrics: dict[str, float] = {}
         if self._privacy is not None:
@@ -430,6 +518,16 @@ class RefusingNode:
             run_id=job.run_id, round=job.round, job_id=job.job_id, kind=job.kind, node_id=self.node_id,
             error=message[:_MAX_ERROR_CHARS],
         )  # fmt: skip
+
+
+def _check_finite(parameters: Parameters) -> None:
+    """Refuse global parameters holding NaN or Inf (a float32 sum is finite only if every value is)."""
+    values = parameters.flatten()
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = bool(np.isfinite(np.add.reduce(values)))
+    if not (finite or np.isfinite(np.add.reduce(values, dtype=np.float64))):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise ProtocolError(f"the global parameters hold {bad} non-finite values (NaN or Inf); the job is refused")
 
 
 def _with_duration(result: JobResult, duration_s: float) -> JobResult:

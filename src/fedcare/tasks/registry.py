@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import TypeGuard, cast
 
 from fedcare.errors import ConfigError
 from fedcare.tasks.base import Task
@@ -49,6 +50,16 @@ def code_sha256(kind: type) -> str:
     for module_name in sorted(digests):
         combined.update(f"{module_name}\x00{digests[module_name]}\n".encode())
     return combined.hexdigest()
+
+
+def _is_entry_point(factory: object) -> TypeGuard[EntryPoint]:
+    """Whether ``factory`` is an entry point still to load.
+
+    Once the ``importlib_metadata`` backport is imported (MLflow imports it),
+    ``entry_points()`` yields the backport's ``EntryPoint``, not the standard
+    library's.
+    """
+    return isinstance(factory, EntryPoint) or type(factory).__name__ == "EntryPoint" and hasattr(factory, "load")
 
 
 class TaskRegistry:
@@ -126,11 +137,11 @@ class TaskRegistry:
             self.get(name)  # raises, listing the installed tasks
         factory = self._factories[name]
         version = ""
-        if isinstance(factory, EntryPoint):
+        if _is_entry_point(factory):
             dist = factory.dist
             version = dist.version if dist is not None else ""
             factory = factory.load()
-        kind = factory if isinstance(factory, type) else type(factory())
+        kind = factory if isinstance(factory, type) else type(cast("TaskFactory", factory)())
         if not version:
             from fedcare import __version__
 
@@ -152,9 +163,9 @@ class TaskRegistry:
             raise ConfigError(
                 f"unknown task {name!r}; installed tasks: {known}", field="plan.task"
             ) from None
-        if isinstance(factory, EntryPoint):
+        if _is_entry_point(factory):
             factory = factory.load()
-        task = factory()
+        task = cast("TaskFactory", factory)()
         if not isinstance(task, Task):
             raise ConfigError(f"task {name!r} does not implement fedcare.tasks.Task", field="plan.task")
         return task
