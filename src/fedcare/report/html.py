@@ -30,7 +30,7 @@ _BINARY_COLUMNS: tuple[tuple[str, str], ...] = (
 _SURVIVAL_COLUMNS: tuple[tuple[str, str], ...] = (("c_index", "C-index"),)
 
 _PLOT_TEXT: dict[str, tuple[str, str]] = {
-    "learning_curves": ("Learning curves", "global training loss per round, and the main metric per site and its mean over sites"),
+    "learning_curves": ("Learning curves", "the loss per round (the global training loss, or each site's test log loss under secure aggregation), and the main metric per site and its mean over sites"),
     "roc": ("ROC curves", "ROC curve of each site at the final evaluation, with the chance diagonal"),
     "epsilon": ("Privacy budget", "record-level epsilon spent by each site after each round"),
     "participation": ("Participation", "what each site did in each round"),

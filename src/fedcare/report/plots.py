@@ -13,7 +13,7 @@ import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedcare.metrics import ROC_FPR_GRID
 from fedcare.report.record import PARTICIPATION_STATES, RunRecord
@@ -127,30 +127,28 @@ def learning_curves_plot(record: RunRecord) -> bytes | None:
         return None
     figure = _figure(9.0, 3.4)
     loss_axes, metric_axes = figure.subplots(1, 2)
+    test_loss = any(math.isfinite(m.get("log_loss", math.nan)) for sites in record.evaluations.values() for m in sites.values())
     if rounds:
         loss_axes.plot(rounds, [record.train_loss[r] for r in rounds], marker="o", markersize=3, color="#000000")
+        loss_axes.set_title("global training loss", fontsize="medium")
+        loss_axes.set_ylabel("loss (example-weighted mean)")
+    elif test_loss:
+        # Under secure aggregation each site's training loss stays at the site: show the test loss instead.
+        _per_site_lines(loss_axes, record, "log_loss", evaluated)
+        loss_axes.set_title("test log loss per site (training loss stays at the sites)", fontsize="medium")
+        loss_axes.set_ylabel("log loss")
     else:
         loss_axes.text(0.5, 0.5, "training loss not reported\n(secure aggregation keeps each\nsite's loss at the site)",
                        ha="center", va="center", transform=loss_axes.transAxes, color="#555555")  # fmt: skip
         loss_axes.set_xticks([])
         loss_axes.set_yticks([])
-    loss_axes.set_title("global training loss", fontsize="medium")
+        loss_axes.set_title("global training loss", fontsize="medium")
+        loss_axes.set_ylabel("loss (example-weighted mean)")
     loss_axes.set_xlabel("round")
-    loss_axes.set_ylabel("loss (example-weighted mean)")
     loss_axes.grid(alpha=0.3)
     label = _METRIC_LABELS.get(metric, metric)
     if has_metric:
-        for index, site in enumerate(record.sites):
-            points = [(r, record.evaluations[r][site].get(metric, math.nan)) for r in evaluated if site in record.evaluations[r]]
-            points = [(r, v) for r, v in points if math.isfinite(v)]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                metric_axes.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=site, color=_colour(index), linestyle=_dashes(index))
-        mean = [(r, record.evaluation_mean.get(r, {}).get(metric, math.nan)) for r in evaluated]
-        mean = [(r, v) for r, v in mean if math.isfinite(v)]
-        if mean:
-            xs, ys = zip(*mean, strict=True)
-            metric_axes.plot(xs, ys, color="#000000", linewidth=2.2, label="mean of sites")
+        _per_site_lines(metric_axes, record, metric, evaluated)
         _legend(metric_axes, len(record.sites) + 1)
     metric_axes.set_title(f"{label} per site (test split)", fontsize="medium")
     metric_axes.set_xlabel("round")
@@ -159,6 +157,21 @@ def learning_curves_plot(record: RunRecord) -> bytes | None:
     for axes in (loss_axes, metric_axes):
         _integer_ticks(axes)
     return _png(figure)
+
+
+def _per_site_lines(axes: Any, record: RunRecord, metric: str, evaluated: list[int]) -> None:
+    """One line per site of ``metric`` over the evaluated rounds, and the mean of sites in black."""
+    for index, site in enumerate(record.sites):
+        points = [(r, record.evaluations[r][site].get(metric, math.nan)) for r in evaluated if site in record.evaluations[r]]
+        points = [(r, v) for r, v in points if math.isfinite(v)]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axes.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=site, color=_colour(index), linestyle=_dashes(index))
+    mean = [(r, record.evaluation_mean.get(r, {}).get(metric, math.nan)) for r in evaluated]
+    mean = [(r, v) for r, v in mean if math.isfinite(v)]
+    if mean:
+        xs, ys = zip(*mean, strict=True)
+        axes.plot(xs, ys, color="#000000", linewidth=2.2, label="mean of sites")
 
 
 def roc_plot(record: RunRecord) -> bytes | None:
