@@ -43,6 +43,7 @@ bench: install
 	$(PY) benchmarks/secagg.py
 	$(PY) benchmarks/dp_heart.py
 	$(PY) benchmarks/imaging.py
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -221,6 +221,8 @@ def _simulate_and_render(
     *,
     dashboard: bool = False,
     dashboard_listen: str = "127.0.0.1:0",
+    backend: str = "inproc",
+    address: str | None = None,
 ) -> None:
     from fedcare.plan import load_plan
     from fedcare.simulation import check_plan, default_run_dir, simulate
@@ -236,20 +238,21 @@ def _simulate_and_render(
         check_plan(plan, catalog=catalog)
         out_dir = out or default_run_dir(plan)
         output.run_dir = Path(out_dir)
+        if backend not in ("inproc", "ray"):
+            raise ConfigError(f"must be 'inproc' or 'ray', got {backend!r}", field="--backend")
+        if address is not None and backend != "ray":
+            raise ConfigError("--address names a Ray cluster: use it with --backend ray", field="--address")
+
+        def run(on_event: Callable[[dict[str, Any]], None] | None, on_progress: Any) -> Any:
+            events = chain_events(on_event, live)
+            if backend == "ray":
+                from fedcare.scale import simulate_on_ray
+
+                return simulate_on_ray(plan, out_dir=out_dir, address=address, catalog=catalog, on_event=events, resume=resume)
+            return simulate(plan, out_dir=out_dir, on_event=events, resume=resume, catalog=catalog, on_progress=on_progress)
+
         with _dashboard(plan, output, enabled=dashboard, listen=dashboard_listen) as (live, _):
-            result = with_event_progress(
-                plan,
-                lambda on_event, on_progress: simulate(
-                    plan,
-                    out_dir=out_dir,
-                    on_event=chain_events(on_event, live),
-                    resume=resume,
-                    catalog=catalog,
-                    on_progress=on_progress,
-                ),
-                show=output.progress,
-                local_training=True,
-            )
+            result = with_event_progress(plan, run, show=output.progress, local_training=backend == "inproc")
     summary = _summary(result)
     summary["wall_s"] = time.perf_counter() - started
     _render_summary(summary, output, title=title)
@@ -268,16 +271,24 @@ def simulate(
     ] = None,
     dashboard: Annotated[bool, typer.Option("--dashboard", help=_DASHBOARD_HELP)] = False,
     dashboard_listen: Annotated[str, typer.Option("--dashboard-listen", help=_DASHBOARD_LISTEN_HELP)] = "127.0.0.1:0",
+    backend: Annotated[
+        str,
+        typer.Option("--backend", help="inproc: the sites as threads of this process; ray: as Ray actors (docs/scale.md)."),
+    ] = "inproc",
+    address: Annotated[
+        str | None, typer.Option("--address", help="With --backend ray: the Ray cluster to use (default: a local instance).")
+    ] = None,
 ) -> None:
-    """Run a plan's whole federation in this process, one node per site.
+    """Run a plan's whole federation in this process, one node per site (or on Ray, --backend ray).
 
     With --site, the sites are the listed node.yaml files, each reading its
     own files through its dataset manifest, as it would deployed.
     """
     output = output_mode(as_json, quiet)
     _simulate_and_render(
-        plan, out, output, resume, title=plan.stem, sites=site or (), dashboard=dashboard, dashboard_listen=dashboard_listen
-    )
+        plan, out, output, resume, title=plan.stem, sites=site or (), dashboard=dashboard,
+        dashboard_listen=dashboard_listen, backend=backend, address=address,
+    )  # fmt: skip
 
 
 @app.command(rich_help_panel=_RUN)
@@ -342,6 +353,14 @@ def serve(
     wait_for_nodes_s: Annotated[float, typer.Option("--wait-for-nodes-s", help="How long to wait for nodes to join.")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the run in this directory from its last completed round (after a crash); "
+            "the nodes, still running, reconnect by themselves.",
+        ),
+    ] = None,
     dashboard: Annotated[bool, typer.Option("--dashboard", help=_DASHBOARD_HELP)] = False,
     dashboard_listen: Annotated[str, typer.Option("--dashboard-listen", help=_DASHBOARD_LISTEN_HELP)] = "127.0.0.1:0",
     dashboard_tls: Annotated[
@@ -363,7 +382,9 @@ def serve(
     started = time.perf_counter()
     with fedcare_errors(output):
         loaded = load_plan(plan)
-        out_dir = Path(out or default_run_dir(loaded))
+        if resume is not None and out is not None and Path(out) != resume:
+            raise ConfigError("--resume names the run directory; give it alone, without another --out", field="--out")
+        out_dir = Path(resume or out or default_run_dir(loaded))
         out_dir.mkdir(parents=True, exist_ok=True)
         output.run_dir = out_dir
         host = listen.rsplit(":", 1)[0]
@@ -390,6 +411,7 @@ def serve(
                 capture_handshake_log=True,
                 on_event=chain_events(show_approvals, live),
                 on_transport=lambda transport: holder.__setitem__("transport", transport),
+                resume=resume is not None,
             )
     summary = _summary(result)
     summary["wall_s"] = time.perf_counter() - started

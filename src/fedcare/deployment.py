@@ -25,7 +25,7 @@ from fedcare.federation.policy import NodePolicy
 from fedcare.federation.rundir import RunDirectory
 from fedcare.messages import Job, JobResult
 from fedcare.params import update_digest
-from fedcare.plan import Plan, _format_validation_error, plan_hash, read_yaml
+from fedcare.plan import Plan, _format_validation_error, load_plan, plan_hash, read_yaml
 from fedcare.simulation import check_plan, initial_parameters
 from fedcare.strategies import make_strategy
 from fedcare.tasks.base import SiteData
@@ -349,6 +349,30 @@ class AuditedChannel(NodeChannel):
         self.channel.push_result(result)
 
 
+def _resumed_run_id(plan: Plan, run_dir: RunDirectory | None) -> str:
+    """The id of the run to continue in ``run_dir``, after checking it is this plan's.
+
+    Raises
+    ------
+    ConfigError
+        If there is no run directory, it holds no run, or its run has another plan.
+    """
+    if run_dir is None:
+        raise ConfigError("resuming needs the run directory of the run to continue", field="--out")
+    saved = run_dir.path / "plan.yaml"
+    recorded = run_dir.recorded_run_id()
+    if recorded is None or not saved.exists():
+        raise ConfigError(f"{run_dir.path} holds no run to resume (no plan.yaml and run id)", field="--out")
+    if plan_hash(load_plan(saved)) != plan_hash(plan):
+        raise ConfigError(
+            f"the run in {run_dir.path} was made with another plan; resume it with that plan, or start a new run",
+            field="--resume",
+        )
+    if run_dir.trim_partial_event():
+        logger.warning("dropped the last event of metrics.jsonl, cut short when the coordinator stopped")
+    return recorded
+
+
 def serve(
     plan: Plan,
     *,
@@ -363,6 +387,7 @@ def serve(
     capture_handshake_log: bool = False,
     heartbeat_interval_s: float = 3.0,
     on_transport: Callable[[GrpcTransport], None] | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Listen for nodes over mutual TLS and run the plan.
 
@@ -384,6 +409,12 @@ def serve(
     on_transport : callable, optional
         Called with the listening transport (a live dashboard asks it who is
         online and what each site answered to the plan).
+    resume : bool
+        Continue the run in ``out_dir`` (after the coordinator crashed or was
+        stopped) from its last completed round, under the same run id, so the
+        nodes, still running, carry on: a node asked again for a round it had
+        already answered sends the same update and spends no privacy budget
+        twice. Refused if ``out_dir`` holds a run of another plan.
     capture_handshake_log : bool
         Turn gRPC's TLS handshake refusals into log records and events
         (replaces this process's standard error with a pipe; for the
@@ -417,6 +448,9 @@ def serve(
     catalog = catalog or DatasetCatalog.bundled()
     check_plan(plan, registry=registry, catalog=catalog, deployed=True)
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
+    run_id = uuid.uuid4().hex
+    if resume:
+        run_id = _resumed_run_id(plan, run_dir)
     tracker = make_tracker(plan, run_dir.path if run_dir is not None else None)
 
     def emit(event: dict[str, Any]) -> None:
@@ -434,7 +468,6 @@ def serve(
 
     if capture_handshake_log:
         HandshakeLogMonitor(lambda reason: refused(reason))
-    run_id = uuid.uuid4().hex
     task = registry.get(plan.task)
     spec = catalog.spec(plan.dataset)  # a bundled dataset's schema, or the one the plan declares
     transport = GrpcTransport(
@@ -475,6 +508,6 @@ def serve(
             on_event=chain_events(on_event, tracker.on_event if tracker is not None else None),
             run_id=run_id,
         )
-        return run_tracked(tracker, coordinator.run)
+        return run_tracked(tracker, lambda: coordinator.run(resume=resume))
     finally:
         transport.close()

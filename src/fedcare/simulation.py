@@ -6,7 +6,7 @@ import contextlib
 import datetime as _dt
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,15 @@ from fedcare.params import Parameters
 from fedcare.plan import EPSILON_WARNING, Plan, PrivacyWarning
 from fedcare.simulation_attacks import Attack, attacked_runner
 from fedcare.strategies import make_strategy
+from fedcare.strategies.base import Strategy
 from fedcare.tasks.base import DataSpec, SiteData, Task
 from fedcare.tasks.registry import TaskRegistry
 from fedcare.tracking import chain_events, check_tracking, make_tracker, run_tracked
 from fedcare.transport.inproc import InProcTransport
 
-__all__ = ["check_plan", "default_run_dir", "initial_parameters", "simulate"]
+__all__ = [
+    "check_plan", "default_run_dir", "initial_parameters", "ledger_root", "load_sites", "simulate", "simulation_strategy",
+]  # fmt: skip
 
 #: Spawn key of the site-level DP noise stream, apart from every training seed.
 _SITE_LEVEL_NOISE = 0x44504641
@@ -103,7 +106,7 @@ def check_plan(
     _check_secure_normalization(plan, spec)
 
 
-def _load_sites(dataset: BundledDataset, plan: Plan) -> tuple[dict[str, SiteData], dict[str, str]]:
+def load_sites(dataset: BundledDataset, plan: Plan) -> tuple[dict[str, SiteData], dict[str, str]]:
     """The plan's sites' data, and the reasons of sites whose own files cannot serve the plan.
 
     Bundled sites always load; a site described by its manifest refuses the
@@ -183,9 +186,25 @@ def _check_attacks(plan: Plan, attacks: Mapping[str, Attack], *, sites: list[str
         )
 
 
-def _ledger_root(
+def simulation_strategy(plan: Plan, sites: Sequence[str]) -> Strategy:
+    """The plan's strategy for a simulation over ``sites``.
+
+    Site-level DP noise is seeded by the plan, so a simulated study can be
+    repeated; deployments draw it from the operating system.
+    """
+    return make_strategy(
+        plan.strategy,
+        privacy=plan.privacy.site_level,
+        num_sampled=check_participation(plan, list(sites)),
+        num_nodes=len(sites),
+        rng=np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(_SITE_LEVEL_NOISE,))),
+    )
+
+
+def ledger_root(
     plan: Plan, run_dir: RunDirectory | None, ledger_dir: str | Path | None, stack: contextlib.ExitStack
 ) -> Path | None:
+    """Where simulated sites keep their privacy ledgers (one folder per site under it); None without record-level DP."""
     if not plan.privacy.record_level.enabled:
         return None
     if ledger_dir is not None:
@@ -272,13 +291,13 @@ def simulate(
     task = registry.get(plan.task)
     dataset = catalog.get(plan.dataset.name)
     spec = catalog.spec(plan.dataset)
-    sites, refusals = _load_sites(dataset, plan)
+    sites, refusals = load_sites(dataset, plan)
     attacks = dict(attacks or {})
     _check_attacks(plan, attacks, sites=list(sites))
     run_dir = RunDirectory(out_dir) if out_dir is not None else None
     tracker = make_tracker(plan, run_dir.path if run_dir is not None else None)
     with contextlib.ExitStack() as stack, InProcTransport(max_concurrency=max_concurrency) as transport:
-        ledgers = _ledger_root(plan, run_dir, ledger_dir, stack)
+        ledgers = ledger_root(plan, run_dir, ledger_dir, stack)
         for site, data in sites.items():
             attack = attacks.get(site)
             node = Node(
@@ -298,14 +317,7 @@ def simulate(
             transport.add_node(site, RefusingNode(site, reason=reason).serve)
         coordinator = Coordinator(
             plan,
-            strategy=make_strategy(
-                plan.strategy,
-                privacy=plan.privacy.site_level,
-                num_sampled=check_participation(plan, list(sites)),
-                num_nodes=len(sites),
-                # Seeded by the plan: a simulated study can be repeated; deployments draw noise from the OS.
-                rng=np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(_SITE_LEVEL_NOISE,))),
-            ),
+            strategy=simulation_strategy(plan, list(sites)),
             transport=transport,
             initial_parameters=initial_parameters(task, spec, plan),
             statistics_width=spec.channels,

@@ -297,7 +297,15 @@ class PneumoniaMNIST(MedMNIST):
     * ``scanner-d``: low resolution, 2x2 block means then back to 28x28;
     * ``scanner-e``: darker and flatter, gamma 1.5 and contrast x0.7.
 
-    Results are clipped to [0, 1]. ``num_nodes`` may only be 5 (or unset).
+    Results are clipped to [0, 1].
+
+    ``num_nodes`` unset or 5 gives these five hospitals. Any other multiple
+    of 5 (up to 1,000) divides the official training split like the other
+    MedMNIST datasets do (IID or Dirichlet, ``partition``, fixed seed) into
+    that many smaller sites, spread evenly over the five scanners: site ``i``
+    is ``scanner-<letter>-<i // 5>`` with scanner ``i mod 5``. This is for
+    studies of many small sites (scale-out simulation): 1,000 sites hold 4
+    or 5 training images each and most hold no test image.
 
     Examples
     --------
@@ -307,6 +315,8 @@ class PneumoniaMNIST(MedMNIST):
     ['scanner-a', 'scanner-b', 'scanner-c', 'scanner-d', 'scanner-e']
     >>> sum(len(d.train) for d in sites.values()), sum(len(d.test) for d in sites.values())
     (4708, 624)
+    >>> PneumoniaMNIST().site_names(DatasetConfig(name="pneumonia", num_nodes=10))[:6]
+    ('scanner-a-0', 'scanner-b-0', 'scanner-c-0', 'scanner-d-0', 'scanner-e-0', 'scanner-a-1')
     """
 
     FILE = "pneumoniamnist.npz"
@@ -325,22 +335,53 @@ class PneumoniaMNIST(MedMNIST):
     info = DatasetInfo(
         name="pneumonia",
         description="PneumoniaMNIST (MedMNIST v2) 28x28 paediatric chest X-ray, binary: 0 normal, 1 pneumonia",
-        sites="scanner-a ... scanner-e: 5 simulated hospitals, Dirichlet label skew, one image shift each",
+        sites="scanner-a ... scanner-e: 5 simulated hospitals, Dirichlet label skew, one image shift each "
+        "(or num_nodes, a multiple of 5, smaller sites over the same scanners)",
         patients=5856,
         licence="CC BY 4.0",
         source="MedMNIST v2 (Yang et al. 2023) from Kermany et al. 2018",
     )
 
+    #: The most sites ``num_nodes`` may ask for.
+    MAX_NODES: ClassVar[int] = 1000
+
     def site_names(self, config: DatasetConfig) -> tuple[str, ...]:
-        if config.num_nodes not in (None, len(self.SCANNERS)):
+        scanners = list(self.SCANNERS)
+        count = config.num_nodes
+        if count is None or count == len(scanners):
+            return tuple(scanners)
+        if count % len(scanners) or count > self.MAX_NODES:
             raise ConfigError(
-                f"dataset 'pneumonia' has {len(self.SCANNERS)} fixed sites, got num_nodes {config.num_nodes}; "
-                "leave num_nodes unset",
+                f"dataset 'pneumonia' spreads its sites evenly over {len(scanners)} scanners, so num_nodes must be "
+                f"a multiple of {len(scanners)} up to {self.MAX_NODES}, got {count}; leave it unset for the "
+                f"{len(scanners)} hospitals",
                 field="plan.dataset.num_nodes",
             )
-        return tuple(self.SCANNERS)
+        return tuple(f"{scanners[i % len(scanners)]}-{i // len(scanners)}" for i in range(count))
+
+    def scanner_of(self, site: str) -> str:
+        """The scanner whose transform a site's images go through (``scanner-b-7`` -> ``scanner-b``).
+
+        Raises
+        ------
+        ConfigError
+            If ``site`` is not a site of this dataset.
+
+        Examples
+        --------
+        >>> PneumoniaMNIST().scanner_of("scanner-b-7"), PneumoniaMNIST().scanner_of("scanner-c")
+        ('scanner-b', 'scanner-c')
+        """
+        if site in self.SCANNERS:
+            return site
+        prefix, _, number = site.rpartition("-")
+        if prefix in self.SCANNERS and number.isdigit():
+            return prefix
+        raise ConfigError(f"dataset 'pneumonia' has no site {site!r}", field="site")
 
     def partition(self, y: np.ndarray, config: DatasetConfig) -> list[np.ndarray]:
+        if config.num_nodes not in (None, len(self.SCANNERS)):
+            return super().partition(y, config)  # many small sites: IID or Dirichlet as ``partition`` says
         rng = np.random.default_rng(PARTITION_SEED)
         return dirichlet_partition(
             y, num_parts=len(self.SCANNERS), alpha=config.dirichlet_alpha, rng=rng, min_size=self.MIN_SITE_IMAGES
@@ -356,7 +397,7 @@ class PneumoniaMNIST(MedMNIST):
         Raises
         ------
         ConfigError
-            If ``site`` is not one of :attr:`SCANNERS`.
+            If ``site`` is not a site of this dataset (see :meth:`scanner_of`).
 
         Examples
         --------
@@ -364,8 +405,7 @@ class PneumoniaMNIST(MedMNIST):
         >>> round(float(PneumoniaMNIST().scan("scanner-e", "test", x).mean()), 3)
         0.397
         """
-        if site not in self.SCANNERS:
-            raise ConfigError(f"dataset 'pneumonia' has no site {site!r}", field="site")
+        site = self.scanner_of(site)
         if site == "scanner-a":
             out = _gamma_contrast(x, gamma=0.8, contrast=1.25)
         elif site == "scanner-b":

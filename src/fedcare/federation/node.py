@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -198,6 +200,9 @@ class Node:
         # FedBN: this site's own normalization tensors, kept in memory from its last training round.
         self._local_tensors: dict[str, np.ndarray] | None = None
         self._personal: Any = None  # Ditto's personal model v_i, in memory only
+        # The latest TRAIN and FEATURE_STATS releases, answered again if the same job comes again.
+        self._released: dict[JobKind, _Release] = {}
+        self._secure_release: tuple[np.ndarray, int, bool] | None = None
 
     # -- serving ---------------------------------------------------------------
 
@@ -222,12 +227,10 @@ class Node:
                 )
             if job.parameters is not None:
                 _check_finite(job.parameters)  # before any training: a refused job reads no record, spends no budget
-            if job.kind is JobKind.TRAIN:
-                result = self._train(job)
+            if job.kind in (JobKind.TRAIN, JobKind.FEATURE_STATS):
+                result = self._release_once(job)
             elif job.kind is JobKind.EVALUATE:
                 result = self._evaluate(job)
-            elif job.kind is JobKind.FEATURE_STATS:
-                result = self._feature_stats(job)
             elif job.kind is JobKind.SECAGG:
                 result = self._secure_step(job)
             else:  # pragma: no cover - JobKind is closed
@@ -242,6 +245,43 @@ class Node:
         return _with_duration(result, time.perf_counter() - started)
 
     # -- jobs ------------------------------------------------------------------
+
+    def _release_once(self, job: Job) -> JobResult:
+        """Do a TRAIN or FEATURE_STATS job, or answer again what this node already released for it.
+
+        A coordinator that restarts (``fedcare serve --resume``) sends the
+        interrupted round's jobs again: same run, round, global parameters and
+        settings, new job ids. Training again would release a second, different
+        update from the same records and spend the privacy budget twice; the
+        node instead sends the same values again (under secure aggregation,
+        masked afresh for the new session), trains nothing and spends nothing.
+        Only the latest round's release of each kind is kept (O(model) memory).
+        """
+        fingerprint = _fingerprint(job)
+        kept = self._released.get(job.kind)
+        if kept is not None and kept.fingerprint == fingerprint:
+            logger.info("the same job again: answering with what was released", extra={"node_id": self.node_id, "round": job.round})
+            if kept.secure is None:
+                return dataclasses.replace(kept.result, job_id=job.job_id)
+            vector, num_examples, statistics = kept.secure
+            keys = self._secure.start(
+                config=job.config["secagg"], run_id=job.run_id, round_number=job.round, update=vector.copy(),
+                num_examples=num_examples, statistics=statistics,
+            )  # fmt: skip
+            return dataclasses.replace(kept.result, job_id=job.job_id, data={**kept.result.data, "keys": keys})
+        self._secure_release = None
+        result = self._train(job) if job.kind is JobKind.TRAIN else self._feature_stats(job)
+        if result.ok:
+            self._released[job.kind] = _Release(fingerprint, result, self._secure_release)
+        return result
+
+    def _start_secure(self, job: Job, secure: Any, vector: np.ndarray, *, num_examples: int, statistics: bool = False) -> Any:
+        """Start this round's secure sum of ``vector``, keeping a copy in case the job comes again."""
+        self._secure_release = (vector.copy(), num_examples, statistics)
+        return self._secure.start(
+            config=secure, run_id=job.run_id, round_number=job.round, update=vector,
+            num_examples=num_examples, statistics=statistics,
+        )  # fmt: skip
 
     def _train(self, job: Job) -> JobResult:
         if job.parameters is None:
@@ -309,9 +349,7 @@ class Node:
             side[STEPS_KEY] = outcome.steps
         if secure is not None:
             # The update stays here; only public keys leave now, and later the masked sum's share.
-            keys = self._secure.start(
-                config=secure, run_id=job.run_id, round_number=job.round, update=delta, num_examples=outcome.num_examples
-            )
+            keys = self._start_secure(job, secure, delta, num_examples=outcome.num_examples)
             return self._answer(job, data={"keys": keys}, metrics={"steps": float(outcome.steps), **privacy_metrics})
         training_metrics = (
             {**outcome.metrics, **personal_metrics} if "training_metrics" in self.policy.allowed_statistics else {}
@@ -410,14 +448,7 @@ class Node:
         else:
             count, sum_u, squares_u = unit_moments(x, low=low, high=high)
         vector = np.concatenate([[count], sum_u, squares_u]) / max_examples
-        keys = self._secure.start(
-            config=secure,
-            run_id=job.run_id,
-            round_number=job.round,
-            update=vector,
-            num_examples=max_examples,
-            statistics=True,
-        )
+        keys = self._start_secure(job, secure, vector, num_examples=max_examples, statistics=True)
         return self._answer(
             job,
             data={"keys": keys, "bounds_low": low.tolist(), "bounds_high": high.tolist()},
@@ -518,6 +549,26 @@ class RefusingNode:
             run_id=job.run_id, round=job.round, job_id=job.job_id, kind=job.kind, node_id=self.node_id,
             error=message[:_MAX_ERROR_CHARS],
         )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Release:
+    """What a node released for one job: its result and, under secure aggregation, the vector it summed."""
+
+    fingerprint: str
+    result: JobResult
+    secure: tuple[np.ndarray, int, bool] | None
+
+
+def _fingerprint(job: Job) -> str:
+    """SHA-256 of what decides a job's release: run, round, kind, global parameters, settings (secure session aside)."""
+    digest = hashlib.sha256()
+    config = {key: value for key, value in job.config.items() if key != "secagg"}
+    digest.update(json.dumps([job.run_id, job.round, job.kind.value, config], sort_keys=True, default=str).encode())
+    if job.parameters is not None:
+        digest.update(json.dumps(job.parameters.spec).encode())
+        digest.update(np.ascontiguousarray(job.parameters.flatten()).data)
+    return digest.hexdigest()
 
 
 def _check_finite(parameters: Parameters) -> None:

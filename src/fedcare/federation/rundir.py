@@ -119,6 +119,62 @@ class RunDirectory:
         with self.metrics_path.open(encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
 
+    def recorded_run_id(self) -> str | None:
+        """The run id this directory belongs to: the checkpoint's, else the first ``run_start`` event's; None if new.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> run = RunDirectory(tempfile.mkdtemp())
+        >>> run.recorded_run_id() is None
+        True
+        >>> run.log_event({"event": "run_start", "run_id": "abc"})
+        >>> run.recorded_run_id()
+        'abc'
+        """
+        meta_path = self.checkpoint_path.with_suffix(".json")
+        if meta_path.exists():
+            try:
+                saved = json.loads(meta_path.read_text()).get("run_id")
+            except (OSError, ValueError) as exc:
+                raise DataError(f"checkpoint in {self.path.name} cannot be read: {exc}") from exc
+            if isinstance(saved, str) and saved:
+                return saved
+        for event in self.events():
+            if event.get("event") == "run_start" and isinstance(event.get("run_id"), str):
+                return str(event["run_id"])
+        return None
+
+    def trim_partial_event(self) -> bool:
+        """Drop a last line of ``metrics.jsonl`` cut short by a crash, so appending goes on cleanly.
+
+        Returns
+        -------
+        bool
+            True if a partial line was dropped.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> run = RunDirectory(tempfile.mkdtemp())
+        >>> run.log_event({"event": "round_end", "round": 1})
+        >>> with run.metrics_path.open("a") as f:
+        ...     _ = f.write('{"event": "round_st')
+        >>> run.trim_partial_event(), [e["event"] for e in run.events()]
+        (True, ['round_end'])
+        """
+        path = self.metrics_path
+        if not path.exists():
+            return False
+        with self._lock, path.open("rb+") as handle:
+            data = handle.read()
+            if not data or data.endswith(b"\n"):
+                return False
+            handle.truncate(data.rfind(b"\n") + 1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+
     def save_checkpoint(
         self,
         *,
