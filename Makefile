@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/dp_heart.py
 	$(PY) benchmarks/imaging.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,16 +4,25 @@ Every call retries transient failures (coordinator not up yet, link dropped)
 with exponential backoff and jitter; parameter downloads and result uploads
 resume from the last byte acknowledged, and the SHA-256 of each transfer is
 checked before use.
+
+The channel counts what the link cost it (:class:`TransportCounters`:
+retried calls, resumed uploads and downloads, reconnects) and reports the
+counts since its previous result with every result, as numbers in the
+result's ``metrics`` under the ``transport_`` prefix; the coordinator takes
+them out of the metrics and logs them per node in its ``round_end`` and
+``evaluation`` events.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,13 +40,67 @@ from fedcare.transport.proto import fedcare_pb2 as pb
 from fedcare.transport.proto import fedcare_pb2_grpc as pb_grpc
 from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_from_header, receive_buffer, result_header
 
-__all__ = ["Backoff", "GrpcNodeChannel"]
+__all__ = ["Backoff", "GrpcNodeChannel", "TransportCounters"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+#: gRPC waits between its own connection attempts after a link drops, up to 120 s by default: a
+#: node that retries every few seconds would still find the coordinator up to two minutes late.
+#: These keep gRPC's waits within the node's own backoff (milliseconds).
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 10_000)]
+
+
+@dataclass(frozen=True)
+class TransportCounters:
+    """What an unreliable link cost a node's channel: counts since the channel opened.
+
+    Attributes
+    ----------
+    retries : int
+        Calls that failed with a transient status (link down, deadline passed,
+        connection cut) and were tried again.
+    resumed_uploads : int
+        Result uploads that went on from a nonzero offset the coordinator
+        acknowledged, instead of from the start.
+    resumed_downloads : int
+        Parameter downloads that went on from a nonzero offset.
+    reconnects : int
+        Times the channel's connection became ready again after it had been ready.
+
+    Examples
+    --------
+    >>> later = TransportCounters(retries=3, resumed_uploads=1)
+    >>> (later - TransportCounters(retries=1)).as_metrics()["transport_retries"]
+    2.0
+    >>> TransportCounters.from_metrics(later.as_metrics()) == later
+    True
+    """
+
+    retries: int = 0
+    resumed_uploads: int = 0
+    resumed_downloads: int = 0
+    reconnects: int = 0
+
+    #: Prefix of the counters' names in a result's metrics.
+    PREFIX = "transport_"
+
+    def __sub__(self, other: TransportCounters) -> TransportCounters:
+        return TransportCounters(
+            **{f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)}
+        )
+
+    def as_metrics(self) -> dict[str, float]:
+        """The counters as result metrics: ``transport_retries`` and so on (numbers only)."""
+        return {f"{self.PREFIX}{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> TransportCounters:
+        """The counters in ``metrics`` (missing ones count 0; other metrics are ignored)."""
+        return cls(**{f.name: int(metrics.get(f"{cls.PREFIX}{f.name}", 0)) for f in dataclasses.fields(cls)})
 
 
 class Backoff:
@@ -91,6 +154,8 @@ class GrpcNodeChannel(NodeChannel):
     give_up_after_s : float, optional
         Stop retrying a call after this long; ``None`` retries for ever (a
         node service waits for its coordinator).
+    backoff : callable
+        Makes the :class:`Backoff` of each call's retries.
 
     Raises
     ------
@@ -121,14 +186,53 @@ class GrpcNodeChannel(NodeChannel):
         self._chunk_bytes = chunk_bytes
         self._give_up_after_s = give_up_after_s
         self._backoff = backoff
-        self._channel = grpc.secure_channel(coordinator, self._credentials, options=grpc_options(chunk_bytes))
+        self._channel = grpc.secure_channel(
+            coordinator, self._credentials, options=grpc_options(chunk_bytes) + _RECONNECT_OPTIONS
+        )
         self._stub = pb_grpc.FederationStub(self._channel)  # type: ignore[no-untyped-call]
         self._closed = threading.Event()
         self.run_id = ""
         self.heartbeat_interval_s = 1.0
-        self.resumed_transfers = 0
         self._heartbeat: threading.Thread | None = None
         self._status = ("", "")
+        self._counts_lock = threading.Lock()
+        self._counts = TransportCounters()
+        self._reported = TransportCounters()  # what the last delivered result carried
+        self._was_ready = False
+        self._channel.subscribe(self._on_connectivity, try_to_connect=False)
+
+    # -- counters ----------------------------------------------------------------
+
+    def counters(self) -> TransportCounters:
+        """What the link cost this channel so far.
+
+        Returns
+        -------
+        TransportCounters
+            Counts since the channel opened; each result carries the
+            difference from those its previous result carried.
+        """
+        with self._counts_lock:
+            return self._counts
+
+    @property
+    def resumed_transfers(self) -> int:
+        """Uploads plus downloads that went on from a nonzero offset."""
+        counts = self.counters()
+        return counts.resumed_uploads + counts.resumed_downloads
+
+    def _add(self, **increments: int) -> None:
+        with self._counts_lock:
+            counts = self._counts
+            self._counts = dataclasses.replace(
+                counts, **{name: getattr(counts, name) + value for name, value in increments.items()}
+            )
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            if self._was_ready:
+                self._add(reconnects=1)
+            self._was_ready = True
 
     # -- joining ---------------------------------------------------------------
 
@@ -231,11 +335,17 @@ class GrpcNodeChannel(NodeChannel):
         return job_from_header(header, parameters)
 
     def push_result(self, result: JobResult) -> None:
+        """Upload ``result`` with this channel's counters since the previous result in its metrics.
+
+        Each attempt's header carries the counts as they stand then, so the
+        retries and resumptions of this upload travel with it; counts after
+        the attempt that completed go with the next result.
+        """
         payload = Payload.of(result.update) if result.update is not None else None
-        header = result_header(result, payload)
         first = True
         backoff = self._backoff()
         started = time.monotonic()
+        sent = self._reported
         while True:
             try:
                 offset = 0
@@ -244,15 +354,25 @@ class GrpcNodeChannel(NodeChannel):
                         pb.UploadStatusRequest(run_id=result.run_id, job_id=result.job_id), timeout=30
                     )
                     if status.complete:
+                        self._reported = sent  # the attempt that completed was the last one sent
                         return
                     offset = int(status.received_bytes)
                     if offset:
-                        self.resumed_transfers += 1
+                        self._add(resumed_uploads=1)
+                sent = self.counters()
+                header = result_header(
+                    dataclasses.replace(result, metrics={**result.metrics, **(sent - self._reported).as_metrics()}), payload
+                )
                 reply = self._stub.PushResult(self._upload_messages(header, payload, offset), timeout=600)
                 if reply.complete:
+                    self._reported = sent
                     return
                 raise ProtocolError(f"coordinator acknowledged {reply.received_bytes} bytes of an unfinished upload")
             except grpc.RpcError as error:
+                if error.code() is grpc.StatusCode.ALREADY_EXISTS and not first:
+                    # An earlier attempt completed while its reply was lost: the coordinator holds the result.
+                    self._reported = sent
+                    return
                 if error.code() is grpc.StatusCode.FAILED_PRECONDITION:
                     # A stale result: the job's deadline passed and the coordinator dropped it.
                     # Like every transport, drop the result and keep serving.
@@ -266,6 +386,7 @@ class GrpcNodeChannel(NodeChannel):
     def close(self) -> None:
         """Stop the heartbeat and close the connection."""
         self._closed.set()
+        self._channel.unsubscribe(self._on_connectivity)
         self._channel.close()
 
     # -- internals ---------------------------------------------------------------
@@ -286,7 +407,7 @@ class GrpcNodeChannel(NodeChannel):
             try:
                 request = pb.FetchRequest(run_id=header.run_id, job_id=header.job_id, offset=received)
                 if received:
-                    self.resumed_transfers += 1
+                    self._add(resumed_downloads=1)
                 for chunk in self._stub.FetchParameters(request, timeout=600):
                     data = chunk.data  # each read of a bytes field copies it
                     end = chunk.offset + len(data)
@@ -323,6 +444,7 @@ class GrpcNodeChannel(NodeChannel):
             )
         wait = backoff.next_wait_s()
         logger.info("coordinator unreachable, retrying", extra={"node_id": self.name, "wait_s": round(wait, 2)})
+        self._add(retries=1)
         time.sleep(wait)
 
     def _beat(self) -> None:

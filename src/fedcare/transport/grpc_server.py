@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Slack allowed between an update's serialized size and the global model's.
 _UPDATE_SLACK_BYTES = 64 * 1024
+#: Put in a node's job queue to wake its waiting PullJob calls (shutdown, a call ending); job ids are never empty.
+_WAKE = ""
 
 
 def grpc_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -72,12 +75,76 @@ class _Upload:
 
 
 @dataclass
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    granted: bool = False
+
+
+class _UploadSlots:
+    """Upload slots handed out first come, first served; a waiter sleeps until it is given one.
+
+    Nothing polls: a released slot goes straight to the oldest waiter, and a
+    waiter wakes early only when its call ends or the transport closes. (A
+    0.25 s polling loop per waiting upload, with hundreds of nodes, woke the
+    coordinator's threads thousands of times a second and starved the
+    threads that answer heartbeats.)
+    """
+
+    def __init__(self, count: int) -> None:
+        self._lock = threading.Lock()
+        self._free = count
+        self._waiting: deque[_Waiter] = deque()
+        self._closed = False
+
+    def acquire(self, context: grpc.ServicerContext) -> bool:
+        """Wait for a slot; False if the call ended or the transport closed first."""
+        waiter = _Waiter()
+        with self._lock:
+            if self._closed:
+                return False
+            if self._free > 0 and not self._waiting:
+                self._free -= 1
+                return True
+            self._waiting.append(waiter)
+        if not context.add_callback(waiter.event.set):  # the call already ended
+            waiter.event.set()
+        waiter.event.wait()
+        with self._lock:
+            if waiter.granted:
+                return True
+            self._waiting.remove(waiter)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                waiter = self._waiting.popleft()
+                waiter.granted = True
+                waiter.event.set()
+            else:
+                self._free += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for waiter in self._waiting:
+                waiter.event.set()
+
+
+@dataclass
 class _NodeState:
     node_id: str
     jobs: queue.Queue[str] = field(default_factory=queue.Queue)
     last_seen: float = 0.0
     polls: int = 0
+    #: Result uploads of this node waiting for an upload slot: the node is alive while one waits.
+    queued_uploads: int = 0
+    #: The node has been told the run is over (a PullJob or Heartbeat answer after close()).
+    told_shutdown: bool = False
     joined: bool = False
+    #: The job this node was last handed. Nodes pull one job at a time, so a node that pulls again while it
+    #: is still outstanding never received it (the link dropped on the way): it is offered again.
+    handed: str | None = None
     #: The site's answer to the plan, from its heartbeats ("pending", "approved", "rejected", "refused").
     status: str = ""
     reason: str = ""
@@ -106,8 +173,18 @@ class GrpcTransport(Transport):
         Called with ``(reason, node_id or None)`` for each refused connection.
     max_concurrent_uploads : int, optional
         Result uploads received at the same time (default: the number of CPU
-        cores); others wait their turn, so the coordinator holds O(model x
-        this) bytes of updates in flight however many nodes there are.
+        cores); others wait their turn, first come first served, so the
+        coordinator holds O(model x this) bytes of updates in flight however
+        many nodes there are. A waiting upload's stream may hold one chunk
+        (``chunk_bytes``, the server's fixed receive window) until its turn,
+        and its node counts as alive while it waits.
+
+    Notes
+    -----
+    Sized for hundreds of nodes: waiting long polls and uploads sleep until
+    they are woken (no polling loop), so idle nodes cost no CPU; each open
+    call holds one worker thread. ``tests/load/`` runs 200 nodes and
+    ``benchmarks/load.py`` measures join time, round time and memory.
 
     Examples
     --------
@@ -149,12 +226,17 @@ class GrpcTransport(Transport):
         self._finished: set[str] = set()
         self._results: queue.Queue[JobResult] = queue.Queue()
         self._shutdown = threading.Event()
-        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads or os.cpu_count() or 1)
+        self._upload_slots = _UploadSlots(max_concurrent_uploads or os.cpu_count() or 1)
         self._payload_cache: tuple[Any, Payload] | None = None
         self.refusals: list[tuple[pki.AdmissionReason, str | None]] = []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8 + 4 * len(self._admitted), thread_name_prefix="fedcare-grpc"),
-            options=grpc_options(chunk_bytes),
+            # A fixed receive window of one chunk per stream instead of gRPC's bandwidth-delay
+            # probing, which on a fast link grows each stream's window to megabytes: then every
+            # upload waiting for its slot was buffered whole, O(model x nodes) (1.3 GB more RSS
+            # with 200 nodes and a 4 MB model). One chunk per round trip is still
+            # 20 MB/s per upload at 50 ms with 1 MiB chunks.
+            options=[*grpc_options(chunk_bytes), ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", chunk_bytes)],
             maximum_concurrent_rpcs=None,
         )
         pb_grpc.add_FederationServicer_to_server(_Servicer(self), self._server)  # type: ignore[no-untyped-call]
@@ -240,8 +322,15 @@ class GrpcTransport(Transport):
     def close(self) -> None:
         """Tell nodes the run is over (on their next call), then stop listening."""
         self._shutdown.set()
+        self._upload_slots.close()
+        for state in self._nodes.values():
+            state.jobs.put(_WAKE)  # waiting PullJob calls answer "shutdown" now
         deadline = time.monotonic() + 3 * self.heartbeat_interval_s + 1
-        while time.monotonic() < deadline and any(s.polls for s in self._nodes.values()):
+        # Wait for waiting polls to answer, and for every live node to hear the news on its next call
+        # (heartbeats come every interval): a node left out would retry a stopped server until it gives up.
+        while time.monotonic() < deadline and any(
+            s.polls or (s.joined and not s.told_shutdown and self._alive(s)) for s in self._nodes.values()
+        ):
             time.sleep(0.05)
         self._server.stop(grace=1.0).wait()
 
@@ -258,7 +347,9 @@ class GrpcTransport(Transport):
         return payload
 
     def _alive(self, state: _NodeState) -> bool:
-        return state.polls > 0 or time.monotonic() - state.last_seen < 3 * self.heartbeat_interval_s + 1
+        if state.polls > 0 or state.queued_uploads > 0:
+            return True
+        return time.monotonic() - state.last_seen < 3 * self.heartbeat_interval_s + 1
 
     def _fail_jobs_of_lost_nodes(self, waiting: set[str]) -> list[JobResult]:
         failed = []
@@ -310,6 +401,25 @@ class GrpcTransport(Transport):
             state.certificate_sha256 = pki.certificate_sha256(pem)
         return state
 
+    def _carry_on(self, state: _NodeState, run_id: str, context: grpc.ServicerContext) -> None:
+        """Take a node that calls with this run's id as joined: it joined an earlier coordinator process of the run.
+
+        After ``fedcare serve --resume`` the nodes, which were not restarted,
+        hold the run's plan already and keep polling; they carry on without
+        joining again. A node of another run that never joined is refused.
+        """
+        if state.joined:
+            return
+        if not run_id or run_id != self.run_id:
+            _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this node has not joined this coordinator's run; restart the node to join it",
+            )
+        with self._lock:
+            state.joined = True
+        logger.info("node %s carries on with the resumed run", state.node_id, extra={"node_id": state.node_id})
+
     def _complete(self, job_id: str, result: JobResult) -> None:
         with self._lock:
             if self._outstanding.pop(job_id, None) is None:
@@ -349,23 +459,39 @@ class _Servicer(pb_grpc.FederationServicer):
     def PullJob(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.JobHeader:  # noqa: N802
         t = self.t
         state = t._admit(context)
+        t._carry_on(state, request.run_id, context)
         wait_s = max(0.0, min(float(request.wait_s), 20.0))
         deadline = time.monotonic() + wait_s
         state.polls += 1
+        # The wait sleeps until a job, the deadline, shutdown or the end of the call: no polling,
+        # so hundreds of idle long polls cost no CPU. A wake left behind by an ended call only
+        # makes a later poll look again.
+        context.add_callback(lambda: state.jobs.put(_WAKE))
         try:
+            with t._lock:
+                lost = t._outstanding.get(state.handed) if state.handed is not None else None
+            if lost is not None and not t._shutdown.is_set():
+                logger.info("node %s pulled again: its job is offered again", state.node_id, extra={"node_id": state.node_id})
+                return job_header(lost.job, lost.payload)
             while not t._shutdown.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not context.is_active():
                     return pb.JobHeader(has_job=False)
                 try:
-                    job_id = state.jobs.get(timeout=min(remaining, 0.25))
+                    job_id = state.jobs.get(timeout=remaining)
                 except queue.Empty:
+                    continue
+                if job_id == _WAKE:
+                    if t._shutdown.is_set():
+                        state.jobs.put(_WAKE)  # pass it on to this node's other waiting polls
                     continue
                 with t._lock:
                     entry = t._outstanding.get(job_id)
                 if entry is None:  # failed or timed out meanwhile
                     continue
+                state.handed = job_id
                 return job_header(entry.job, entry.payload)
+            state.told_shutdown = True
             return pb.JobHeader(has_job=False, shutdown=True)
         finally:
             state.polls -= 1
@@ -427,9 +553,16 @@ class _Servicer(pb_grpc.FederationServicer):
                 )
         # Updates wait for an upload slot before their buffer is allocated (the node's
         # stream waits under flow control meanwhile), like the in-process transport's slots.
-        while not t._upload_slots.acquire(timeout=0.25):
-            if t._shutdown.is_set() or not context.is_active():
-                _abort(context, grpc.StatusCode.UNAVAILABLE, "coordinator is shutting down")
+        # A node waiting its turn is alive (its stream is open): with many nodes and few
+        # slots the wait can outlast the heartbeat timeout.
+        state.queued_uploads += 1
+        try:
+            acquired = t._upload_slots.acquire(context)
+        finally:
+            state.queued_uploads -= 1
+            state.last_seen = time.monotonic()
+        if not acquired:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, "coordinator is shutting down")
         try:
             return self._receive(t, state, header, request_iterator, context, limit=limit)
         finally:
@@ -483,12 +616,15 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:  # noqa: N802
         state = self.t._admit(context)
+        self.t._carry_on(state, request.run_id, context)
         if request.status:
             changed = (state.status, state.reason) != (request.status, request.reason)
             state.status, state.reason = request.status[:32], request.reason[:500]
             if changed:
                 logger.info("node %s: plan %s", state.node_id, state.status, extra={"node_id": state.node_id, "status": state.status})
-        return pb.HeartbeatReply(shutdown=self.t._shutdown.is_set())
+        shutdown = self.t._shutdown.is_set()
+        state.told_shutdown = state.told_shutdown or shutdown
+        return pb.HeartbeatReply(shutdown=shutdown)
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:

@@ -1,0 +1,1 @@
+"""Load tests: hundreds of nodes joining one coordinator over mutual TLS on loopback."""
