@@ -24,7 +24,7 @@ from fedcare.simulation import simulate
 
 from .conftest import Launched, ProcessGroup, deploy, free_port, read_events, wait_for
 
-ROUNDS = 10
+ROUNDS = 6
 
 
 def checkpointed_round(run_dir: Path) -> int:
@@ -60,7 +60,7 @@ def run_killed_and_resumed(tmp_path: Path, processes: ProcessGroup, **plan: Any)
     for site, config in layout.node_configs.items():
         processes.node(site, config, port=port, certs_dir=layout.certs_dir)
 
-    killed_at = kill_after_round(first, layout.run_dir, 3)
+    killed_at = kill_after_round(first, layout.run_dir, 2)
     assert killed_at < ROUNDS, "the run finished before the kill: nothing was resumed"
     resumed = processes.start(
         "coordinator-resumed", "serve", layout.plan_path, "--listen", listen, "--certs", layout.certs_dir,

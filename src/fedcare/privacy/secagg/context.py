@@ -10,7 +10,7 @@ from functools import cached_property
 import numpy as np
 
 from fedcare.errors import ConfigError, ProtocolError
-from fedcare.privacy.secagg.config import SecAggParams, validate_params
+from fedcare.privacy.secagg.config import SecAggParams, resolve_params, validate_params
 from fedcare.privacy.secagg.graph import neighbour_graph
 from fedcare.privacy.secagg.quantize import check_headroom
 
