@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from fedcare.transport.grpc_server import GrpcTransport
 
 __all__ = [
+    "ComputeSettings",
     "DatasetBinding",
     "NodeConfig",
     "SiteDataset",
@@ -72,6 +73,27 @@ SiteDataset = Annotated[
 ]
 
 
+class ComputeSettings(BaseModel):
+    """What a site's machine can give to local training (``compute:`` in node.yaml).
+
+    Examples
+    --------
+    >>> ComputeSettings().device
+    'auto'
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``auto``: CUDA when present, otherwise the CPU with threads sized to the machine;
+    #: or ``cpu``, ``cuda``, ``cuda:N``.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    #: CPU threads for training; default: sized to the machine (its usable cores).
+    threads: int | None = Field(default=None, ge=1)
+    #: This site's own cap on one round's local training, in seconds; the lower of this and the
+    #: plan's ``local.max_local_seconds`` applies.
+    max_local_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
 class NodeConfig(BaseModel):
     """A site's ``node.yaml``.
 
@@ -94,6 +116,8 @@ class NodeConfig(BaseModel):
     approved_plan_hash: str | None = None
     #: What the site requires of every round (secure aggregation, participants, privacy budgets).
     policy: NodePolicy = NodePolicy()
+    #: The site's machine: device, CPU threads, its own time budget per round.
+    compute: ComputeSettings = ComputeSettings()
     #: Where the site keeps its privacy ledgers, one file per dataset, across runs (relative paths
     #: are relative to node.yaml). Default: ``NAME-privacy-ledger/`` beside node.yaml.
     ledger_dir: Path | None = None

@@ -133,6 +133,10 @@ class LocalTraining(_Section):
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     class_weighting: Literal["none", "balanced"] = "none"
+    #: A site's time budget for one round's local training, in seconds: a slow site trains the steps
+    #: that fit and reports how many it ran (``fednova`` then weighs unequal steps fairly). A site's
+    #: ``node.yaml`` may set a lower budget of its own (``compute.max_local_seconds``). None: no budget.
+    max_local_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +239,62 @@ class StrategyConfig(_Section):
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     ditto_lambda: float = Field(default=0.1, ge=0, allow_inf_nan=False)
+    #: Asynchronous buffered aggregation (FedBuff): see :class:`BufferedAggregation`. None: synchronous rounds.
+    buffered: BufferedAggregation | None = None
+
+
+class BufferedAggregation(_Section):
+    """Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022), for sites that cannot all be waited for.
+
+    Sites train all the time, each on the latest global model it was sent;
+    the coordinator folds every ``buffer_size`` arrivals into a new global
+    model (one "round" of the plan), weighting each update by
+    ``1 / (1 + staleness) ** staleness_exponent``, where staleness is how many
+    global models were made since the one the site trained on. Updates staler
+    than ``max_staleness`` are dropped (and counted).
+
+    Attributes
+    ----------
+    buffer_size : int
+        Arrivals per aggregation, K (>= 1; at most the sites per round).
+    max_staleness : int
+        The stalest update still used, in global-model versions (>= 0).
+    staleness_exponent : float
+        The exponent of the staleness weight (>= 0; 0: every update weighs the same; 0.5: FedBuff's choice).
+    """
+
+    buffer_size: int = Field(default=2, ge=1)
+    max_staleness: int = Field(default=4, ge=0)
+    staleness_exponent: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+
+
+StrategyConfig.model_rebuild()
+
+
+class CompressionConfig(_Section):
+    """How each site compresses its update before upload (see ``docs/compression.md``).
+
+    Compression comes after the privacy transforms (DP noise is added to the
+    full update, then compressed) and is undone at the coordinator before
+    aggregation.
+
+    Attributes
+    ----------
+    method : {"none", "float16", "bfloat16", "int8", "topk"}
+        ``float16``/``bfloat16``: cast to 16 bits (2x smaller). ``int8``:
+        8-bit stochastic quantization with one scale per tensor (about 4x,
+        unbiased). ``topk``: only the ``topk_fraction`` largest coordinates
+        (by magnitude) with their positions; what is left out is kept at the
+        site and added to its next update (error feedback).
+    topk_fraction : float
+        ``topk``: the share of coordinates sent, in (0, 1] (default 0.01: 1 %).
+    error_feedback : bool
+        ``topk``: keep the coordinates left out at the site and send them later (default true).
+    """
+
+    method: Literal["none", "float16", "bfloat16", "int8", "topk"] = "none"
+    topk_fraction: float = Field(default=0.01, gt=0, le=1)
+    error_feedback: bool = True
 
 
 class SecureAggregationConfig(_Section):
@@ -539,6 +599,7 @@ class Plan(_Section):
     #: off is broken or hostile. Not checked under secure aggregation, where no single update is seen
     #: and the sites clip each coordinate (``secure_aggregation.clip``) instead.
     max_update_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    compression: CompressionConfig = CompressionConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     approval: ApprovalConfig = ApprovalConfig()
@@ -757,6 +818,15 @@ def read_yaml(path: str | Path, *, what: str, field: str) -> Any:
         raise ConfigError(f"{what} is not valid YAML: {exc}", field=field) from None
 
 
+#: ``(section, field, default)`` of the plan fields added after plans were first hashed.
+_LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
+    (None, "tracking", None),
+    (None, "compression", CompressionConfig().model_dump(mode="json")),
+    ("local", "max_local_seconds", None),
+    ("strategy", "buffered", None),
+)
+
+
 def plan_hash(plan: Plan) -> str:
     """SHA-256 of the plan's canonical JSON form; nodes check tasks against it.
 
@@ -767,7 +837,12 @@ def plan_hash(plan: Plan) -> str:
     >>> len(plan_hash(p))
     64
     """
-    # Without tracking the hash is the one of a plan written before ``tracking`` existed.
-    dumped = plan.model_dump(mode="json", exclude={"tracking"} if plan.tracking is None else None)
+    # Sections added later are left out while they keep their defaults, so a plan that does not use
+    # them hashes as it did before they existed (and the sites' approvals of it still hold).
+    dumped = plan.model_dump(mode="json")
+    for section, field_name, default in _LATER_FIELDS:
+        holder = dumped if section is None else dumped[section]
+        if holder.get(field_name) == default:
+            del holder[field_name]
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
