@@ -32,8 +32,8 @@ node_app = typer.Typer(
 def node(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", help="The site's node.yaml.")] = None,
-    coordinator: Annotated[str | None, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")] = None,
-    certs: Annotated[Path, typer.Option("--certs", help="Directory with ca.pem and this node's NAME.pem, NAME.key.")] = Path("certs"),
+    coordinator: Annotated[str | None, typer.Option("--coordinator", help="HOST:PORT of the coordinator (default: node.yaml's coordinator).")] = None,
+    certs: Annotated[Path | None, typer.Option("--certs", help="Directory with ca.pem and this node's NAME.pem, NAME.key (default: node.yaml's certs_dir, else certs).")] = None,
     give_up_after_s: Annotated[float | None, typer.Option("--give-up-after-s", help="Stop retrying an unreachable coordinator after this long (default: never).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: only errors on stderr.")] = False,
 ) -> None:
@@ -45,7 +45,7 @@ def node(
     """
     if ctx.invoked_subcommand is not None:
         return
-    if config is None or coordinator is None:
+    if config is None:
         errors.print("[bold red]error:[/] fedcare node needs --config NODE.yaml and --coordinator HOST:PORT", markup=True)
         raise typer.Exit(2)
     from fedcare.deployment import load_node_config, run_node
@@ -57,6 +57,11 @@ def node(
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     with fedcare_errors(output):
         node_config = load_node_config(config)
+        coordinator = coordinator or node_config.coordinator
+        certs = certs or node_config.certs_dir or Path("certs")
+        if coordinator is None:
+            errors.print("[bold red]error:[/] fedcare node needs --coordinator HOST:PORT (or coordinator: in node.yaml)", markup=True)
+            raise typer.Exit(2)
         if output.progress:
             with progress_bars() as progress:
                 run_node(
@@ -155,3 +160,9 @@ def node_tasks(
     for info in infos:
         table.add_row(info.name, info.version, info.sha256)
     console.print(table)
+
+
+from fedcare.cli_site import node_doctor, node_init  # noqa: E402 - the site set-up commands live in their own module
+
+node_app.command("init")(node_init)
+node_app.command("doctor")(node_doctor)

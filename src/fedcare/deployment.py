@@ -128,6 +128,12 @@ class NodeConfig(BaseModel):
     audit_log: Path | None = None
     #: The plans this site received and its decisions on them. Default: ``NAME-approvals/`` beside node.yaml.
     approvals_dir: Path | None = None
+    #: ``HOST:PORT`` of the coordinator: what ``fedcare node`` and ``fedcare node doctor`` dial when
+    #: not given ``--coordinator``.
+    coordinator: str | None = Field(default=None, pattern=r"^.+:[0-9]{1,5}$")
+    #: The folder holding ``ca.pem``, ``NAME.pem`` and ``NAME.key`` (relative to node.yaml), used when
+    #: ``fedcare node`` is not given ``--certs``.
+    certs_dir: Path | None = None
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -154,6 +160,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     }
     return config.model_copy(
         update={
+            "certs_dir": base / config.certs_dir if config.certs_dir is not None else None,
             "ledger_dir": ledger_dir,
             "state_dir": state_dir,
             "audit_log": audit_log,

@@ -1,0 +1,680 @@
+"""``fedcare node doctor``: check everything a site can get wrong before it joins, and say what to fix.
+
+Each check is a function that returns :class:`CheckResult` objects (status
+``ok``, ``warn``, ``fail`` or ``skip``, a message and a fix in plain words),
+so tests and other tools call them directly; :func:`diagnose` runs them all
+for a node.yaml. The checks: the certificate (present, readable, signed by
+the CA, valid now and not expiring soon, matching the key, naming the
+node), the clock, the coordinator (something listening, a TLS handshake
+with the site's certificate, the coordinator's name, admission), every
+dataset (readable, counts per split) and its label mapping, free disk space
+where the node writes, and the accelerator.
+
+Messages hold counts, label names and file names inside ``certs/``, never
+data paths or records.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import shutil
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from fedcare.errors import ConfigError, DataError, FedcareError, PolicyViolation, TransportError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from fedcare.deployment import NodeConfig
+    from fedcare.plan import Plan
+
+__all__ = [
+    "CheckResult",
+    "check_accelerator",
+    "check_certificates",
+    "check_clock",
+    "check_coordinator",
+    "check_data",
+    "check_disk",
+    "diagnose",
+    "failure_error",
+]
+
+Status = Literal["ok", "warn", "fail", "skip"]
+
+#: Warn when the node's certificate expires within this many days.
+EXPIRY_WARNING_DAYS = 14
+#: Warn below this much free disk where the node writes (bytes), fail below a tenth of it.
+MIN_FREE_BYTES = 2 * 1024**3
+
+_ERROR_OF_AREA: dict[str, type[FedcareError]] = {
+    "certificate": ConfigError,
+    "clock": ConfigError,
+    "coordinator": TransportError,
+    "admission": PolicyViolation,
+    "data": DataError,
+    "labels": DataError,
+    "disk": FedcareError,
+    "accelerator": ConfigError,
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check.
+
+    Attributes
+    ----------
+    check : str
+        What was checked, e.g. ``certificate validity``, ``coordinator tls``,
+        ``labels chest-xray``.
+    status : {"ok", "warn", "fail", "skip"}
+        ``skip``: not checked (an earlier check failed, or nothing to check against).
+    message : str
+        What was found, in plain words.
+    fix : str
+        What to do about it (empty when nothing).
+    area : str
+        ``certificate``, ``clock``, ``coordinator``, ``admission``, ``data``,
+        ``labels``, ``disk`` or ``accelerator``: the kind of error a failure
+        is (:func:`failure_error`).
+
+    Examples
+    --------
+    >>> CheckResult("disk", "ok", "120 GiB free", area="disk").to_dict()["status"]
+    'ok'
+    """
+
+    check: str
+    status: Status
+    message: str
+    fix: str = ""
+    area: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        """A JSON-able form."""
+        return asdict(self)
+
+
+def failure_error(results: Sequence[CheckResult]) -> FedcareError | None:
+    """The error of the first failed check (its exit code is the command's), or None when none failed.
+
+    Examples
+    --------
+    >>> failure_error([CheckResult("data x", "fail", "no records", area="data")]).__class__.__name__
+    'DataError'
+    >>> failure_error([CheckResult("disk", "warn", "1 GiB free", area="disk")]) is None
+    True
+    """
+    for result in results:
+        if result.status == "fail":
+            return _ERROR_OF_AREA.get(result.area, FedcareError)(f"{result.check}: {result.message}")
+    return None
+
+
+# -- the certificate ----------------------------------------------------------------------------
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def check_certificates(certs_dir: Path, *, name: str, now: dt.datetime | None = None) -> list[CheckResult]:
+    """Check the node's certificate files in ``certs_dir``: ``ca.pem``, ``NAME.pem``, ``NAME.key``.
+
+    Parameters
+    ----------
+    certs_dir : Path
+        The node's certificates folder.
+    name : str
+        The node's name (node.yaml's ``name``).
+    now : datetime, optional
+        The time to check validity at (default: this machine's clock).
+
+    Returns
+    -------
+    list of CheckResult
+        ``certificate files``, ``certificate issuer``, ``certificate validity``,
+        ``certificate key``, ``certificate name``; the checks after a failed
+        ``files`` or ``issuer`` are skipped.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> [(r.check, r.status) for r in check_certificates(Path(tempfile.mkdtemp()), name="site-a")][:2]
+    [('certificate files', 'fail'), ('certificate issuer', 'skip')]
+    """
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    from fedcare.transport import pki
+
+    now = now or _now()
+    later = ("certificate issuer", "certificate validity", "certificate key", "certificate name")
+
+    def skipped(after: str) -> list[CheckResult]:
+        return [CheckResult(check, "skip", f"not checked: {after}", area="certificate") for check in later]
+
+    files = {"ca.pem": certs_dir / "ca.pem", f"{name}.pem": certs_dir / f"{name}.pem", f"{name}.key": certs_dir / f"{name}.key"}
+    missing = [label for label, path in files.items() if not path.is_file()]
+    if missing:
+        return [CheckResult(
+            "certificate files", "fail", f"missing in the certificates folder: {', '.join(missing)}",
+            f"copy the files the federation's operator sent: fedcare node init ... --cert {name}.pem --key {name}.key "
+            "--ca ca.pem --force, or set certs_dir in node.yaml", area="certificate",
+        ), *skipped("files missing")]  # fmt: skip
+    try:
+        ca = x509.load_pem_x509_certificate(pki.read_pem(files["ca.pem"]))
+        cert = x509.load_pem_x509_certificate(pki.read_pem(files[f"{name}.pem"]))
+        key = serialization.load_pem_private_key(pki.read_pem(files[f"{name}.key"]), password=None)
+    except (ConfigError, ValueError, TypeError) as exc:
+        detail = exc.message if isinstance(exc, ConfigError) else "a file holds no valid certificate or unencrypted key"
+        return [CheckResult("certificate files", "fail", f"cannot read: {detail}",
+                            "ask the federation's operator to send the certificate files again", area="certificate"),
+                *skipped("files unreadable")]  # fmt: skip
+    mode = files[f"{name}.key"].stat().st_mode & 0o777
+    results = [CheckResult("certificate files", "ok", f"ca.pem, {name}.pem, {name}.key present and readable", area="certificate")]
+    if mode & 0o077:
+        results[0] = CheckResult(
+            "certificate files", "warn", f"{name}.key can be read by other users (mode {oct(mode)})",
+            f"chmod 600 {name}.key", area="certificate",
+        )  # fmt: skip
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return [*results, CheckResult(
+            "certificate issuer", "fail", f"{name}.pem is not signed by the CA in ca.pem",
+            "ask the federation's operator for this federation's ca.pem, or a certificate issued by it", area="certificate",
+        ), *skipped("wrong CA")[1:]]  # fmt: skip
+    results.append(CheckResult("certificate issuer", "ok", f"signed by {pki.common_name(ca)}", area="certificate"))
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now > end:
+        results.append(CheckResult(
+            "certificate validity", "fail", f"the certificate expired on {end:%Y-%m-%d %H:%M} UTC",
+            f"ask the federation's operator for a new one (fedcare certs issue --role node --name {name}), "
+            "then fedcare node init ... --force", area="certificate",
+        ))  # fmt: skip
+    elif now < start:
+        results.append(CheckResult(
+            "certificate validity", "fail", f"the certificate is valid only from {start:%Y-%m-%d %H:%M} UTC",
+            "set this machine's clock right (see the clock check)", area="certificate",
+        ))  # fmt: skip
+    elif end - now < dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        results.append(CheckResult(
+            "certificate validity", "warn", f"the certificate expires in {(end - now).days} day(s), on {end:%Y-%m-%d}",
+            "ask the federation's operator for a new one before then", area="certificate",
+        ))  # fmt: skip
+    else:
+        results.append(CheckResult("certificate validity", "ok", f"valid until {end:%Y-%m-%d}", area="certificate"))
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != cert.public_key().public_bytes(serialization.Encoding.DER, spki):
+        results.append(CheckResult(
+            "certificate key", "fail", f"{name}.key does not belong to {name}.pem",
+            "install the key that was issued with the certificate", area="certificate",
+        ))  # fmt: skip
+    else:
+        results.append(CheckResult("certificate key", "ok", "the key matches the certificate", area="certificate"))
+    claimed = pki._claimed_name(cert)
+    if claimed != name:
+        results.append(CheckResult(
+            "certificate name", "fail", f"the certificate names {claimed!r}, node.yaml names {name!r}",
+            f"set name: {claimed} in node.yaml, or ask for a certificate named {name}", area="certificate",
+        ))  # fmt: skip
+    else:
+        results.append(CheckResult("certificate name", "ok", f"names {name}, as node.yaml does", area="certificate"))
+    return results
+
+
+# -- the clock ----------------------------------------------------------------------------------
+
+
+def check_clock(
+    references: Sequence[tuple[str, dt.datetime]], *, now: dt.datetime | None = None
+) -> CheckResult:
+    """Check this machine's clock against times signed elsewhere: it must not read before any of them.
+
+    The coordinator sends no time of its own, so the references are the
+    start of validity of certificates issued on the CA's machine (the
+    node's, the CA's, the coordinator's as seen in the TLS handshake). A
+    clock behind them shows; a clock running ahead shows only as a
+    certificate expiring early.
+
+    Parameters
+    ----------
+    references : sequence of (str, datetime)
+        What each time is and the time (timezone-aware).
+    now : datetime, optional
+        This machine's time (default: its clock).
+
+    Examples
+    --------
+    >>> ref = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    >>> check_clock([("the node's certificate", ref)], now=ref - dt.timedelta(days=2)).status
+    'fail'
+    >>> check_clock([("the node's certificate", ref)], now=ref + dt.timedelta(days=2)).status
+    'ok'
+    """
+    now = now or _now()
+    if not references:
+        return CheckResult("clock", "skip", "nothing to compare with (no readable certificate)", area="clock")
+    behind = [(what, when) for what, when in references if now < when]
+    if behind:
+        what, when = max(behind, key=lambda item: item[1])
+        return CheckResult(
+            "clock", "fail",
+            f"this machine's clock reads {now:%Y-%m-%d %H:%M} UTC, before {what} was issued ({when:%Y-%m-%d %H:%M} UTC): "
+            "it is behind by at least " + _duration(when - now),
+            "set the clock right and keep it synchronised (NTP: timedatectl set-ntp true)", area="clock",
+        )  # fmt: skip
+    checked = ", ".join(what for what, _ in references)
+    return CheckResult(
+        "clock", "ok",
+        f"{now:%Y-%m-%d %H:%M} UTC, after {checked} (the coordinator sends no time: a clock running ahead is not detected)",
+        area="clock",
+    )  # fmt: skip
+
+
+def _duration(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days"
+    if seconds >= 7200:
+        return f"{seconds // 3600} hours"
+    return f"{max(seconds // 60, 1)} minute(s)"
+
+
+# -- the coordinator ----------------------------------------------------------------------------
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _names_in(cert: x509.Certificate) -> list[str]:
+    from cryptography import x509
+
+    try:
+        alternative = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*alternative.get_values_for_type(x509.DNSName), *(str(ip) for ip in alternative.get_values_for_type(x509.IPAddress))]
+
+
+def _host_matches(host: str, names: Sequence[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for name in names:
+        if address is not None:
+            try:
+                if ipaddress.ip_address(name) == address:
+                    return True
+            except ValueError:
+                continue
+        elif name.startswith("*.") and "." in host and host.split(".", 1)[1].casefold() == name[2:].casefold():
+            return True
+        elif name.casefold() == host.casefold():
+            return True
+    return False
+
+
+def check_coordinator(
+    address: str | None, *, certs_dir: Path, name: str, timeout_s: float = 5.0
+) -> tuple[list[CheckResult], x509.Certificate | None]:
+    """Reach the coordinator as the node would: TCP, then TLS with the site's certificate, then admission.
+
+    Parameters
+    ----------
+    address : str, optional
+        ``HOST:PORT``; None: not checked (nothing configured).
+    certs_dir : Path
+        ``ca.pem``, ``NAME.pem``, ``NAME.key``.
+    name : str
+        The node's name.
+    timeout_s : float
+        Each step's timeout, in seconds.
+
+    Returns
+    -------
+    (list of CheckResult, certificate or None)
+        ``coordinator address``, ``coordinator tcp``, ``coordinator tls``,
+        ``coordinator name``, ``coordinator admission``; and the
+        coordinator's certificate when the handshake got it (for the clock).
+
+    Examples
+    --------
+    >>> results, _ = check_coordinator("nowhere", certs_dir=Path("certs"), name="a")
+    >>> results[0].check, results[0].status
+    ('coordinator address', 'fail')
+    """
+    from cryptography import x509
+
+    if address is None:
+        return [CheckResult(
+            "coordinator", "skip", "no coordinator address to check",
+            "give --coordinator HOST:PORT, or set coordinator: in node.yaml", area="coordinator",
+        )], None  # fmt: skip
+    parsed = _split_address(address)
+    if parsed is None:
+        return [CheckResult(
+            "coordinator address", "fail", f"{address!r} is not HOST:PORT",
+            "write it as e.g. fl.example.org:7443", area="coordinator",
+        )], None  # fmt: skip
+    host, port = parsed
+    results = [CheckResult("coordinator address", "ok", f"{host}:{port}", area="coordinator")]
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except socket.gaierror:
+        return [*results, CheckResult(
+            "coordinator tcp", "fail", f"the name {host} does not resolve",
+            "check the spelling of the coordinator's address, or this machine's DNS", area="coordinator",
+        )], None  # fmt: skip
+    except ConnectionRefusedError:
+        return [*results, CheckResult(
+            "coordinator tcp", "fail", f"nothing is listening on {host}:{port} (connection refused)",
+            "check the address and port with the federation's operator, and that the coordinator is running",
+            area="coordinator",
+        )], None  # fmt: skip
+    except OSError as exc:
+        what = "no answer (timed out)" if isinstance(exc, TimeoutError) else f"cannot connect ({exc.strerror or exc})"
+        return [*results, CheckResult(
+            "coordinator tcp", "fail", f"{host}:{port}: {what}",
+            "a firewall may block the outbound port: ask IT to allow outgoing TCP to it", area="coordinator",
+        )], None  # fmt: skip
+    results.append(CheckResult("coordinator tcp", "ok", f"{host}:{port} accepts connections", area="coordinator"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # checked below, to tell a name mismatch apart from an untrusted certificate
+    try:
+        context.load_verify_locations(cafile=str(certs_dir / "ca.pem"))
+        context.load_cert_chain(str(certs_dir / f"{name}.pem"), str(certs_dir / f"{name}.key"))
+    except (OSError, ssl.SSLError):
+        raw.close()
+        return [*results, CheckResult(
+            "coordinator tls", "skip", "not checked: the certificate files cannot be used", area="coordinator",
+        )], None  # fmt: skip
+    context.set_alpn_protocols(["h2"])
+    server: x509.Certificate | None = None
+    try:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+            server = x509.load_der_x509_certificate(der) if der else None
+            tls.settimeout(timeout_s)
+            try:
+                tls.recv(1)  # TLS 1.3: the server judges the node's certificate after the handshake
+            except (TimeoutError, socket.timeout):
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        return [*results, CheckResult(
+            "coordinator tls", "fail", f"the coordinator's certificate is not trusted: {exc.verify_message}",
+            "this may not be the federation's coordinator; check the address, and that ca.pem is this federation's",
+            area="coordinator",
+        )], None  # fmt: skip
+    except ssl.SSLError as exc:
+        reason = (exc.reason or str(exc)).replace("_", " ").lower()
+        return [*results, CheckResult(
+            "coordinator tls", "fail", f"the coordinator refused this site's certificate ({reason})",
+            "the certificate may be expired, revoked or from another CA: ask the federation's operator", area="coordinator",
+        )], None  # fmt: skip
+    except OSError as exc:
+        return [*results, CheckResult(
+            "coordinator tls", "fail", f"the TLS handshake failed ({exc.strerror or exc})",
+            "something on the way may not speak TLS (a proxy?): check the port with the federation's operator",
+            area="coordinator",
+        )], None  # fmt: skip
+    results.append(CheckResult("coordinator tls", "ok", "TLS handshake with this site's certificate", area="coordinator"))
+    names = _names_in(server) if server is not None else []
+    if not _host_matches(host, names):
+        results.append(CheckResult(
+            "coordinator name", "fail",
+            f"the coordinator's certificate is for {', '.join(names) or 'no name'}, not {host}",
+            f"dial one of those names, or ask the operator to reissue the server certificate with --host {host}",
+            area="coordinator",
+        ))  # fmt: skip
+        return results, server
+    results.append(CheckResult("coordinator name", "ok", f"the coordinator's certificate names {host}", area="coordinator"))
+    results.append(_check_admission(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
+                                    certs_dir=certs_dir, name=name, timeout_s=timeout_s))  # fmt: skip
+    return results, server
+
+
+def _check_admission(target: str, *, certs_dir: Path, name: str, timeout_s: float) -> CheckResult:
+    """Ask the coordinator, read-only, whether it admits this node: a heartbeat outside any run.
+
+    A coordinator answers a heartbeat from a node that has not joined with
+    FAILED_PRECONDITION, after checking its certificate (CA, validity,
+    revocation, the plan's nodes); a refusal is PERMISSION_DENIED.
+    """
+    import grpc
+
+    from fedcare.transport.proto import fedcare_pb2 as pb
+    from fedcare.transport.proto import fedcare_pb2_grpc as pb_grpc
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(certs_dir / "ca.pem").read_bytes(),
+        private_key=(certs_dir / f"{name}.key").read_bytes(),
+        certificate_chain=(certs_dir / f"{name}.pem").read_bytes(),
+    )
+    with grpc.secure_channel(target, credentials) as channel:
+        try:
+            pb_grpc.FederationStub(channel).Heartbeat(pb.HeartbeatRequest(run_id=""), timeout=timeout_s)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details() or ""
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                return CheckResult("coordinator admission", "ok", f"the coordinator admits {name} (not in a run yet)", area="admission")
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                return CheckResult(
+                    "coordinator admission", "fail", f"the coordinator refuses {name}: {details.removeprefix('refused: ')}",
+                    f"ask the federation's operator to admit {name} (the plan's nodes) or to issue a fresh certificate",
+                    area="admission",
+                )  # fmt: skip
+            return CheckResult(
+                "coordinator admission", "warn", f"the coordinator did not answer ({code.name.lower()}: {details[:200]})",
+                "try again when the coordinator runs a federation", area="coordinator",
+            )  # fmt: skip
+    return CheckResult("coordinator admission", "ok", f"the coordinator admits {name}", area="admission")
+
+
+# -- data, disk, accelerator --------------------------------------------------------------------
+
+
+def check_data(node_yaml: Path, *, plan: Plan | None = None) -> list[CheckResult]:
+    """Read every dataset of node.yaml as the node would (``fedcare data check``): readable, and every label mapped.
+
+    Returns
+    -------
+    list of CheckResult
+        Per dataset: ``data NAME`` (records read, counts per split, files
+        skipped) and ``labels NAME`` (every local label mapped onto a
+        federation label; the unmapped ones named with their counts).
+    """
+    from fedcare.data.check import check_site
+
+    results: list[CheckResult] = []
+    for found in check_site(node_yaml, plan=plan):
+        if found.kind == "bundled":
+            results.append(CheckResult(f"data {found.name}", "ok", f"bundled dataset, site {found.site}", area="data"))
+            continue
+        label_errors = [e for e in found.errors if e.startswith("label_map:")]
+        data_errors = [e for e in found.errors if not e.startswith("label_map:")]
+        report = found.report
+        if data_errors:
+            results.append(CheckResult(
+                f"data {found.name}", "fail", "; ".join(data_errors),
+                "check the dataset's path in node.yaml (relative to node.yaml) and that this user can read the files",
+                area="data",
+            ))  # fmt: skip
+        elif report is not None:
+            skipped = {reason: n for reason, n in report.read.skipped.items() if reason not in ("unmapped label",)}
+            counts = f"{report.read.records_read} record(s) read; train {report.train_size}, test {report.test_size}"
+            if skipped:
+                listing = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+                results.append(CheckResult(
+                    f"data {found.name}", "warn", f"{counts}; skipped: {listing}",
+                    "replace or remove the skipped files (fedcare data check node.yaml shows the counts)", area="data",
+                ))  # fmt: skip
+            else:
+                results.append(CheckResult(f"data {found.name}", "ok", counts, area="data"))
+        if report is None:
+            results.append(CheckResult(f"labels {found.name}", "skip", "not checked: the data cannot be read", area="labels"))
+        elif report.unmapped or report.outside_vocabulary or label_errors:
+            parts = []
+            if report.unmapped:
+                parts.append("local label(s) with no mapping: " + ", ".join(f"{k} ({v})" for k, v in sorted(report.unmapped.items())))
+            if report.outside_vocabulary:
+                parts.append("mapped onto label(s) the federation does not have: "
+                             + ", ".join(f"{k} ({v})" for k, v in sorted(report.outside_vocabulary.items())))  # fmt: skip
+            status: Status = "fail" if label_errors else "warn"
+            results.append(CheckResult(
+                f"labels {found.name}", status, "; ".join(parts) or "; ".join(label_errors),
+                f"in node.yaml under datasets: {found.name}: label_map:, map each onto one of the federation's labels "
+                f"({', '.join(report.vocabulary)}), or null to leave it out", area="labels",
+            ))  # fmt: skip
+        else:
+            results.append(CheckResult(
+                f"labels {found.name}", "ok", f"every local label maps onto {', '.join(report.vocabulary)}", area="labels"
+            ))  # fmt: skip
+    return results
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk(paths: Sequence[Path], *, min_free_bytes: int = MIN_FREE_BYTES) -> list[CheckResult]:
+    """Free space on each file system the node writes to (ledger, state, audit log, approvals).
+
+    Warns below ``min_free_bytes``, fails below a tenth of it.
+
+    Examples
+    --------
+    >>> check_disk([Path(".")], min_free_bytes=1)[0].status
+    'ok'
+    """
+    results: list[CheckResult] = []
+    seen: set[int] = set()
+    for path in paths:
+        where = _existing(Path(path))
+        device = where.stat().st_dev
+        if device in seen:
+            continue
+        seen.add(device)
+        usage = shutil.disk_usage(where)
+        free = f"{usage.free / 1024**3:.1f} GiB free where the node keeps {Path(path).name}"
+        if usage.free < min_free_bytes // 10:
+            status: Status = "fail"
+        elif usage.free < min_free_bytes:
+            status = "warn"
+        else:
+            status = "ok"
+        fix = "" if status == "ok" else f"free some space (at least {min_free_bytes / 1024**3:.1f} GiB), or move ledger_dir/state_dir in node.yaml"
+        results.append(CheckResult("disk", status, free, fix, area="disk"))
+    return results
+
+
+def check_accelerator(device: str = "auto") -> CheckResult:
+    """What local training will run on: CUDA when present, else CPU threads (informational).
+
+    Fails only when node.yaml's ``compute.device`` asks for CUDA and there is none.
+
+    Examples
+    --------
+    >>> check_accelerator("cpu").status
+    'ok'
+    """
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cuda = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            cuda = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    if device.startswith("cuda") and cuda is None:
+        return CheckResult(
+            "accelerator", "fail", f"node.yaml asks for {device}, and this machine has no usable CUDA device",
+            "set compute.device: auto (or cpu) in node.yaml, or install the GPU driver", area="accelerator",
+        )  # fmt: skip
+    if cuda is not None and device != "cpu":
+        return CheckResult("accelerator", "ok", f"CUDA: {cuda}; {threads} CPU thread(s)", area="accelerator")
+    return CheckResult("accelerator", "ok", f"CPU: {threads} thread(s) (no CUDA used)", area="accelerator")
+
+
+# -- all of it ----------------------------------------------------------------------------------
+
+
+def diagnose(
+    node_yaml: str | os.PathLike[str],
+    *,
+    coordinator: str | None = None,
+    certs_dir: str | os.PathLike[str] | None = None,
+    plan: Plan | None = None,
+    min_free_bytes: int = MIN_FREE_BYTES,
+    timeout_s: float = 5.0,
+) -> list[CheckResult]:
+    """Run every check for a site's node.yaml.
+
+    Parameters
+    ----------
+    node_yaml : path-like
+        The site's node.yaml.
+    coordinator : str, optional
+        ``HOST:PORT``; default: node.yaml's ``coordinator``.
+    certs_dir : path-like, optional
+        Default: node.yaml's ``certs_dir``, else ``certs/`` beside node.yaml.
+    plan : Plan, optional
+        Check the data against this plan's labels, shape and features.
+    min_free_bytes : int
+        See :func:`check_disk`.
+    timeout_s : float
+        Each network step's timeout, in seconds.
+
+    Returns
+    -------
+    list of CheckResult
+        In order: certificate, coordinator, clock, data and labels, disk, accelerator.
+
+    Raises
+    ------
+    ConfigError
+        If node.yaml cannot be read or is invalid (nothing else can be checked).
+    """
+    from cryptography import x509
+
+    from fedcare.deployment import NodeConfig, load_node_config
+
+    path = Path(node_yaml)
+    config: NodeConfig = load_node_config(path)
+    certs = Path(certs_dir) if certs_dir is not None else config.certs_dir or path.resolve().parent / "certs"
+    results = check_certificates(certs, name=config.name)
+    network, server = check_coordinator(coordinator or config.coordinator, certs_dir=certs, name=config.name, timeout_s=timeout_s)
+    references: list[tuple[str, dt.datetime]] = []
+    for label, file in (("the node's certificate", certs / f"{config.name}.pem"), ("the federation CA", certs / "ca.pem")):
+        try:
+            references.append((label, x509.load_pem_x509_certificate(file.read_bytes()).not_valid_before_utc))
+        except (OSError, ValueError):
+            continue
+    if server is not None:
+        references.append(("the coordinator's certificate", server.not_valid_before_utc))
+    results += network
+    results.append(check_clock(references))
+    results += check_data(path, plan=plan)
+    writes = [p for p in (config.ledger_dir, config.state_dir, config.approvals_dir, config.audit_log) if p is not None]
+    results += check_disk(writes, min_free_bytes=min_free_bytes)
+    results.append(check_accelerator(config.compute.device))
+    return results
