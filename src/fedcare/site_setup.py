@@ -267,7 +267,9 @@ def _label_text(value: str) -> str:
 
 def _propose_label_column(header: Sequence[str], present: Mapping[str, list[str]], *, exclude: set[str | None]) -> str:
     def few_values(name: str) -> bool:
-        return 2 <= len(set(present[name])) <= _MAX_CLASSES
+        """2 to 20 distinct values, each a word or a whole number (a measurement with few values is not a label)."""
+        values = set(present[name])
+        return 2 <= len(values) <= _MAX_CLASSES and all(not _is_number(v) or float(v).is_integer() for v in values)
 
     by_name = {name.casefold(): name for name in header if name not in exclude}
     for wanted in _LABEL_COLUMNS:
@@ -280,7 +282,8 @@ def _propose_label_column(header: Sequence[str], present: Mapping[str, list[str]
             f"no column looks like a label (2 to {_MAX_CLASSES} distinct values); name it with --label-column",
             field="DATA",
         )
-    return candidates[-1]  # tables usually end with the outcome
+    words = [name for name in candidates if not all(_is_number(v) for v in present[name])]
+    return (words or candidates)[-1]  # words before codes; tables usually end with the outcome
 
 
 def detect_dataset(path: str | os.PathLike[str], *, label_column: str | None = None) -> DetectedDataset:
