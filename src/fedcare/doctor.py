@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -413,9 +414,13 @@ def check_coordinator(
             server = x509.load_der_x509_certificate(der) if der else None
             tls.settimeout(timeout_s)
             try:
-                tls.recv(1)  # TLS 1.3: the server judges the node's certificate after the handshake
+                # TLS 1.3: the server judges the node's certificate after the handshake; a gRPC server
+                # then sends its HTTP/2 settings, or hangs up on a certificate it refuses.
+                refused = tls.recv(1) == b""
             except (TimeoutError, socket.timeout):
-                pass
+                refused = False
+            except ConnectionResetError:
+                refused = True
     except ssl.SSLCertVerificationError as exc:
         return [*results, CheckResult(
             "coordinator tls", "fail", f"the coordinator's certificate is not trusted: {exc.verify_message}",
@@ -434,6 +439,11 @@ def check_coordinator(
             "something on the way may not speak TLS (a proxy?): check the port with the federation's operator",
             area="coordinator",
         )], None  # fmt: skip
+    if refused:
+        return [*results, CheckResult(
+            "coordinator tls", "fail", "the coordinator refused this site's certificate (it closed the connection)",
+            "the certificate may be expired, revoked or from another CA: ask the federation's operator", area="coordinator",
+        )], server  # fmt: skip
     results.append(CheckResult("coordinator tls", "ok", "TLS handshake with this site's certificate", area="coordinator"))
     names = _names_in(server) if server is not None else []
     if not _host_matches(host, names):
@@ -598,13 +608,16 @@ def check_accelerator(device: str = "auto") -> CheckResult:
     """
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cuda = None
-    try:
-        import torch
+    # Importing torch takes seconds: only where a CUDA driver is visible (or asked for) is it asked.
+    driver = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+    if driver or device.startswith("cuda") or "torch" in sys.modules:
+        try:
+            import torch
 
-        if torch.cuda.is_available():
-            cuda = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+            if torch.cuda.is_available():
+                cuda = torch.cuda.get_device_name(0)
+        except ImportError:
+            pass
     if device.startswith("cuda") and cuda is None:
         return CheckResult(
             "accelerator", "fail", f"node.yaml asks for {device}, and this machine has no usable CUDA device",
