@@ -479,7 +479,8 @@ def _check_admission(target: str, *, certs_dir: Path, name: str, timeout_s: floa
     )
     with grpc.secure_channel(target, credentials) as channel:
         try:
-            pb_grpc.FederationStub(channel).Heartbeat(pb.HeartbeatRequest(run_id=""), timeout=timeout_s)
+            stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
+            stub.Heartbeat(pb.HeartbeatRequest(run_id=""), timeout=timeout_s)
         except grpc.RpcError as error:
             code, details = error.code(), error.details() or ""
             if code == grpc.StatusCode.FAILED_PRECONDITION:

@@ -727,7 +727,7 @@ def init_site(
     out_path = Path(out)
     if out_path.exists() and not force:
         raise ConfigError(f"{out_path.name} already exists; use --force to replace it", field="--out")
-    loaded = load_plan(plan) if plan is not None else None
+    loaded = load_plan(Path(plan)) if plan is not None else None
     if loaded is not None:
         if dataset is not None and dataset != loaded.dataset.name:
             raise ConfigError(f"the plan's dataset is {loaded.dataset.name!r}, not {dataset!r}", field="--dataset")
