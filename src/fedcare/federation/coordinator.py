@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcare import __version__
+from fedcare.compression import decompress
 from fedcare.data.normalization import FeatureStats, Standardization, combine_feature_stats, from_unit_moments
 from fedcare.errors import ConfigError, FedcareError, FederationError, ProtocolError, TransportError
 from fedcare.federation.participation import ApprovalGate
@@ -216,6 +217,8 @@ class Coordinator:
         self._traffic: dict[str, list[int]] = {}
         # What unreliable links cost each node (retries, resumed transfers) since the last event that reported it.
         self._transport: dict[str, dict[str, int]] = {}
+        # With compression: float32 update bytes / bytes sent, per node, since the last round_end.
+        self._compression: dict[str, float] = {}
 
     # -- public ----------------------------------------------------------------
 
@@ -526,6 +529,7 @@ class Coordinator:
                 "duration_s": time.perf_counter() - round_started,
                 "bytes": self._take_traffic(),
                 **self._take_transport(),
+                **self._take_compression(),
                 **secure_metrics,
                 **self._epsilon_metrics(selected, result),
                 **({"site_level_dp": m} if (m := self.strategy.round_metrics()) else {}),
@@ -766,6 +770,7 @@ class Coordinator:
         update = answer.update
         if update is None:
             raise ProtocolError("training result carries no update")
+        update = self._decompressed(answer.node_id, update, global_parameters)
         if update.spec != global_parameters.spec:
             raise ProtocolError(
                 f"update has tensors {_describe(update)}, the model has {_describe(global_parameters)}"
@@ -786,6 +791,23 @@ class Coordinator:
             if norm > limit:
                 raise ProtocolError(f"update has L2 norm {norm:.4g}, above the plan's max_update_norm of {limit:g}")
         return update
+
+    def _decompressed(self, node: str, update: Parameters, global_parameters: Parameters) -> Parameters:
+        """Undo the plan's compression (see :mod:`fedcare.compression`), before any other check."""
+        config = self.plan.compression
+        if config.method == "none":
+            return update
+        decoded = decompress(update, global_parameters.spec, method=config.method, topk_fraction=config.topk_fraction)
+        self._compression[node] = round(global_parameters.nbytes / max(update.nbytes, 1), 2)
+        return decoded
+
+    def _take_compression(self) -> dict[str, Any]:
+        """``{"compression": {"method": ..., "ratio": {node: x}}}`` since the last call, then reset; empty without compression."""
+        if self.plan.compression.method == "none" or not self._compression:
+            return {}
+        taken = dict(sorted(self._compression.items()))
+        self._compression = {}
+        return {"compression": {"method": self.plan.compression.method, "ratio": taken}}
 
     def _record_failure(self, result: RunResult, answer: JobResult, message: str) -> None:
         failure = {"round": answer.round, "node_id": answer.node_id, "kind": answer.kind.value, "error": message}

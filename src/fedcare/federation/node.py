@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcare.compression import ErrorFeedback, compress
 from fedcare.data.normalization import Standardization, checked_bounds, feature_stats, unit_moments
 from fedcare.errors import ConfigError, FedcareError, ProtocolError
 from fedcare.federation.control_variates import NodeControlVariate
@@ -35,6 +36,9 @@ __all__ = ["Node", "ProgressCallback", "RefusingNode", "TrainingProgress"]
 logger = logging.getLogger(__name__)
 
 _MAX_ERROR_CHARS = 500
+
+#: Mixed into the job seed for int8's stochastic rounding, apart from the task's own use of the seed.
+_COMPRESSION_STREAM = 0x636F6D70
 
 #: Receives ``(node_id, round, steps_done, steps_planned)`` during local training.
 ProgressCallback = Callable[[str, int, int, int], None]
@@ -200,6 +204,8 @@ class Node:
         # FedBN: this site's own normalization tensors, kept in memory from its last training round.
         self._local_tensors: dict[str, np.ndarray] | None = None
         self._personal: Any = None  # Ditto's personal model v_i, in memory only
+        # Top-k's error feedback: what was left out of the last upload, saved in state_dir like c_i.
+        self._feedback = ErrorFeedback(None if state_dir is None else state_dir / "compression-residual.safetensors")
         # The latest TRAIN and FEATURE_STATS releases, answered again if the same job comes again.
         self._released: dict[JobKind, _Release] = {}
         self._secure_release: tuple[np.ndarray, int, bool] | None = None
@@ -356,11 +362,23 @@ class Node:
         )
         return self._answer(
             job,
-            update=Parameters.from_flat(delta, new.spec),
+            update=self._compressed(delta, new.spec, run_id=job.run_id, seed=seed),
             num_examples=outcome.num_examples,
             metrics={**training_metrics, "steps": float(outcome.steps), **privacy_metrics},
             data=side,
         )
+
+    def _compressed(self, delta: np.ndarray, spec: Any, *, run_id: str, seed: int) -> Parameters:
+        """The update as the plan's ``compression`` packs it (DP noise, if any, is already in ``delta``)."""
+        config = self.plan.compression
+        if config.method == "none":
+            return Parameters.from_flat(delta, spec)
+        rng = np.random.default_rng([seed, _COMPRESSION_STREAM])  # int8's rounding: repeatable from the job
+        if config.method == "topk" and config.error_feedback:
+            return self._feedback.compress(
+                delta, spec, run_id=run_id, method=config.method, topk_fraction=config.topk_fraction, rng=rng
+            )
+        return compress(delta, spec, method=config.method, topk_fraction=config.topk_fraction, rng=rng)
 
     def _evaluate(self, job: Job) -> JobResult:
         if job.parameters is None:

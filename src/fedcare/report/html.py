@@ -205,6 +205,23 @@ def _traffic_section(record: RunRecord) -> str:
         "<h2>Traffic</h2>"
         f'<table id="traffic"><thead>{head}</thead><tbody>{_rows(rows)}</tbody><tfoot>{foot}</tfoot></table>'
         '<p class="meta">Payload bytes of the jobs and their results, feature statistics and evaluation included.</p>'
+        + _traffic_per_round(record)
+    )
+
+
+def _traffic_per_round(record: RunRecord) -> str:
+    """Bytes down and up per site in each round (round 0: feature statistics), folded away."""
+    sites = sorted({site for counts in record.traffic.values() for site in counts})
+    head = _rows([["round", *(f"{escape(s)} down / up" for s in sites)]], tag="th")
+    rows = [
+        [str(number), *(
+            f"{_bytes(counts[s].down)} / {_bytes(counts[s].up)}" if s in counts else "–" for s in sites
+        )]
+        for number, counts in sorted(record.traffic.items())
+    ]  # fmt: skip
+    return (
+        "<details><summary>Bytes down / up per site and round</summary>"
+        f'<table id="traffic-rounds"><thead>{head}</thead><tbody>{_rows(rows)}</tbody></table></details>'
     )
 
 

@@ -40,6 +40,20 @@ def _value(value: Any) -> str:
     return "default" if value is None else str(value)
 
 
+def _compression(compression: Mapping[str, Any]) -> str:
+    """The plan's update compression in words; empty when updates go uncompressed."""
+    method = str(compression.get("method", "none"))
+    if method in ("float16", "bfloat16"):
+        return f"{method}: each update cast to 16 bits (half the bytes)"
+    if method == "int8":
+        return "int8: 8-bit stochastic quantization with one scale per tensor (about a quarter of the bytes)"
+    if method == "topk":
+        fraction = float(compression.get("topk_fraction", 0.01))
+        feedback = "with" if compression.get("error_feedback", True) else "without"
+        return f"top-k: the {100 * fraction:.4g}% largest coordinates of each update, {feedback} error feedback"
+    return ""
+
+
 def plan_summary(plan: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """The plan in plain words, as (label, sentence) pairs.
 
@@ -60,6 +74,8 @@ def plan_summary(plan: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     'fedprox (proximal mu 0.01)'
     >>> summary["secure aggregation"]
     "off: the coordinator sees each site's update"
+    >>> dict(plan_summary({"compression": {"method": "topk", "topk_fraction": 0.01, "error_feedback": True}}))["compression"]
+    'top-k: the 1% largest coordinates of each update, with error feedback'
     """
     dataset = as_mapping(plan.get("dataset"))
     local = as_mapping(plan.get("local"))
@@ -104,6 +120,9 @@ def plan_summary(plan: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         ))  # fmt: skip
     else:
         lines.append(("secure aggregation", "off: the coordinator sees each site's update"))
+    compression = _compression(as_mapping(plan.get("compression")))
+    if compression:
+        lines.append(("compression", compression))
     if record_level.get("enabled"):
         noise = record_level.get("noise_multiplier")
         lines.append((

@@ -1,0 +1,187 @@
+"""What update compression saves on slow links, and what it costs in accuracy.
+
+For heart disease (``tabular-mlp``, 64 hidden units: 961 weights, FedAvg, the
+four FLamby hospitals) and PneumoniaMNIST (``image-cnn`` of
+``benchmarks/imaging.py``, five simulated hospitals), the same plan and seed
+run in simulation with ``compression.method`` none, float16, int8 and top-k 1 %
+(error feedback on). Reported per case, from the run's events (the lines of
+``metrics.jsonl``):
+
+``up B/round/site``
+    Payload bytes a site uploads per training round (``round_end`` ``bytes``:
+    the update as sent, its metrics included), mean over rounds and sites; the
+    JSON keeps every site's mean.
+``ratio``
+    Uncompressed upload over this one.
+``update ratio``
+    The update's own float32 bytes over its compressed bytes (``round_end``
+    ``compression.ratio``), without the metrics that travel beside it.
+``round s @1Mbit``
+    Computed, not measured through a proxy: the slowest site's bytes down and
+    up in a round at 125,000 bytes/s, plus the round's measured compute time
+    in the simulation. The download (the global model) is not compressed.
+    ``tests/faults/test_throttled_link.py`` runs the same methods through a
+    real 1 Mbit/s proxy.
+``accuracy``, ``AUC``, ``loss pts``
+    Pooled accuracy and ROC AUC on the sites' test splits after the last
+    round, and the accuracy lost against uncompressed, in percentage points.
+
+Goals: int8 cuts the upload 4x at no more than 0.5 points of accuracy; top-k
+1 % with error feedback cuts it 20x or more at no more than 1 point.
+
+Usage::
+
+    .venv/bin/python benchmarks/bandwidth.py                  # both datasets
+    .venv/bin/python benchmarks/bandwidth.py --datasets heart  # seconds
+    .venv/bin/python benchmarks/bandwidth.py --pneumonia-rounds 5 --out /tmp/bandwidth.json
+
+Results go to ``benchmarks/results/bandwidth.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import format_table, machine_info, write_results  # noqa: E402
+
+from fedcare.plan import Plan, parse_plan  # noqa: E402
+from fedcare.simulation import simulate  # noqa: E402
+
+__all__ = ["GOALS", "METHODS", "heart_plan", "pneumonia_plan", "run_case"]
+
+#: Method label -> plan.compression.
+METHODS: dict[str, dict[str, Any]] = {
+    "none": {"method": "none"},
+    "float16": {"method": "float16"},
+    "int8": {"method": "int8"},
+    "topk 1%": {"method": "topk", "topk_fraction": 0.01, "error_feedback": True},
+}
+#: Method label -> (least upload ratio, most accuracy points lost).
+GOALS = {"int8": (4.0, 0.5), "topk 1%": (20.0, 1.0)}
+LINK_BYTES_PER_S = 125_000  # 1 Mbit/s
+
+
+def heart_plan(*, rounds: int, compression: dict[str, Any]) -> Plan:
+    """``plans/heart_disease.yaml``'s federation with a 64-unit MLP and no secure aggregation."""
+    return parse_plan(
+        {
+            "name": "heart-disease-bandwidth",
+            "task": "tabular-mlp",
+            "model": {"hidden_units": 64},
+            "dataset": {"name": "heart-disease", "normalization": "federated"},
+            "rounds": rounds,
+            "min_nodes": 2,
+            "local": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "learning_rate": 0.01},
+            "strategy": {"name": "fedavg"},
+            "evaluation": {"every_rounds": rounds},
+            "compression": compression,
+            "seed": 0,
+        }
+    )
+
+
+def pneumonia_plan(*, rounds: int, compression: dict[str, Any]) -> Plan:
+    """``benchmarks/imaging.py``'s FedAvg plan (width 16, GroupNorm) with ``compression``."""
+    from imaging import make_plan  # the imaging benchmark's own plan
+
+    plan = make_plan(rounds=rounds, norm="group")
+    return parse_plan({**plan.model_dump(mode="json", exclude_unset=True), "compression": compression})
+
+
+def run_case(plan: Plan) -> dict[str, Any]:
+    """Simulate ``plan``; upload bytes per round and site, round time at 1 Mbit/s, final scores."""
+    events: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    result = simulate(plan, on_event=events.append)
+    wall_s = time.perf_counter() - started
+    ends = [e for e in events if e["event"] == "round_end"]
+    sites = sorted({n for e in ends for n in e["bytes"]})
+    up = {n: sum(e["bytes"][n]["up"] for e in ends if n in e["bytes"]) / len(ends) for n in sites}
+    down = {n: sum(e["bytes"][n]["down"] for e in ends if n in e["bytes"]) / len(ends) for n in sites}
+    compute_s = sum(e["duration_s"] for e in ends) / len(ends)
+    ratios = [r for e in ends for r in e.get("compression", {}).get("ratio", {}).values()]
+    link_s = max((down[n] + up[n]) / LINK_BYTES_PER_S for n in sites)
+    final = result.final_evaluation
+    assert final is not None
+    return {
+        "up_bytes_per_round": up,
+        "down_bytes_per_round": down,
+        "up_bytes_per_round_mean": sum(up.values()) / len(up),
+        "update_ratio": sum(ratios) / len(ratios) if ratios else 1.0,
+        "compute_s_per_round": compute_s,
+        "round_s_at_1mbit": link_s + compute_s,
+        "accuracy": final.pooled["accuracy"],
+        "roc_auc": final.pooled.get("roc_auc"),
+        "failures": len(result.failures),
+        "wall_s": wall_s,
+    }
+
+
+def run(*, datasets: Sequence[str], heart_rounds: int, pneumonia_rounds: int) -> dict[str, Any]:
+    cases: dict[str, dict[str, Any]] = {}
+    for dataset in datasets:
+        rows: dict[str, Any] = {}
+        for label, compression in METHODS.items():
+            if dataset == "heart":
+                plan = heart_plan(rounds=heart_rounds, compression=compression)
+            else:
+                plan = pneumonia_plan(rounds=pneumonia_rounds, compression=compression)
+            rows[label] = run_case(plan)
+            print(f"{dataset} {label}: {json.dumps({k: v for k, v in rows[label].items() if not isinstance(v, dict)})}",
+                  file=sys.stderr, flush=True)
+        plain = rows["none"]
+        for label, row in rows.items():
+            row["upload_ratio"] = plain["up_bytes_per_round_mean"] / row["up_bytes_per_round_mean"]
+            row["accuracy_loss_points"] = 100 * (plain["accuracy"] - row["accuracy"])
+            if label in GOALS:
+                least_ratio, most_loss = GOALS[label]
+                row["meets_goal"] = row["upload_ratio"] >= least_ratio and row["accuracy_loss_points"] <= most_loss
+        cases[dataset] = {"rounds": heart_rounds if dataset == "heart" else pneumonia_rounds, "methods": rows}
+    return {"benchmark": "bandwidth", "goals": GOALS, "link_bytes_per_s": LINK_BYTES_PER_S,
+            "machine": machine_info(), "cases": cases}  # fmt: skip
+
+
+def render(payload: dict[str, Any]) -> str:
+    headers = ["dataset", "rounds", "method", "up B/round/site", "ratio", "update ratio", "round s @1Mbit", "accuracy", "AUC",
+               "loss pts", "goal"]  # fmt: skip
+    rows = []
+    for dataset, case in payload["cases"].items():
+        for label, row in case["methods"].items():
+            goal = "" if "meets_goal" not in row else ("met" if row["meets_goal"] else "MISSED")
+            rows.append([
+                dataset, case["rounds"], label, round(row["up_bytes_per_round_mean"]), f"{row['upload_ratio']:.2f}x",
+                f"{row['update_ratio']:.2f}x",
+                f"{row['round_s_at_1mbit']:.2f}", f"{row['accuracy']:.4f}",
+                "" if row["roc_auc"] is None else f"{row['roc_auc']:.4f}", f"{row['accuracy_loss_points']:+.2f}", goal,
+            ])  # fmt: skip
+    return format_table(headers, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", choices=("heart", "pneumonia"), default=["heart", "pneumonia"])
+    parser.add_argument("--heart-rounds", type=int, default=30)
+    parser.add_argument("--pneumonia-rounds", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    payload = run(datasets=args.datasets, heart_rounds=args.heart_rounds, pneumonia_rounds=args.pneumonia_rounds)
+    if args.out is None:
+        path = write_results("bandwidth", payload)
+    else:
+        args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        path = args.out
+    print(render(payload))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

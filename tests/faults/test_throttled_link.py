@@ -1,0 +1,178 @@
+"""A site on a 1 Mbit/s link with delays and dropped connections still completes, and compression shrinks its upload.
+
+Everything is real and on 127.0.0.1: a coordinator (``Coordinator`` over
+``GrpcTransport``, mutual TLS) in the test's thread and three heart-disease
+sites (``Node`` over ``GrpcNodeChannel``) in threads. Only the first site dials
+through a :class:`FaultProxy`: 125,000 bytes/s each way, 50-150 ms of delay
+per chunk, and every connection cut once while it trains its first round. The
+others dial the coordinator directly. The same plan runs uncompressed, with
+int8 and with top-k 1 %; the throttled site's upload bytes per round come from
+the coordinator's events (those ``metrics.jsonl`` holds).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("grpc")  # grpcio is not a core dependency
+
+from fedcare.data import DatasetCatalog  # noqa: E402
+from fedcare.federation.coordinator import Coordinator  # noqa: E402
+from fedcare.federation.node import Node  # noqa: E402
+from fedcare.messages import JobKind  # noqa: E402
+from fedcare.plan import Plan, parse_plan  # noqa: E402
+from fedcare.simulation import initial_parameters  # noqa: E402
+from fedcare.strategies import make_strategy  # noqa: E402
+from fedcare.tasks.registry import TaskRegistry  # noqa: E402
+from fedcare.transport import pki  # noqa: E402
+from fedcare.transport.grpc_client import Backoff, GrpcNodeChannel  # noqa: E402
+from fedcare.transport.grpc_server import GrpcTransport  # noqa: E402
+from tests.faults.proxy import FaultProxy  # noqa: E402
+
+SITES = ("cleveland", "hungary", "switzerland")
+SLOW_SITE = SITES[0]
+#: 1 Mbit/s.
+LINK_BYTES_PER_S = 125_000
+#: 13 * 256 + 256 + 256 + 1 = 3,841 float32 values: 15 kB uncompressed.
+HIDDEN_UNITS = 256
+ROUNDS = 2
+
+
+def throttled_plan(method: str) -> Plan:
+    return parse_plan(
+        {
+            "name": "throttled-link",
+            "task": "tabular-mlp",
+            "dataset": {"name": "heart-disease", "normalization": "per-site"},
+            "model": {"hidden_units": HIDDEN_UNITS},
+            "nodes": list(SITES),
+            "rounds": ROUNDS,
+            "min_nodes": len(SITES),  # the slow site must be in every round
+            "round_timeout_s": 45,
+            "local": {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "learning_rate": 0.01},
+            "evaluation": {"every_rounds": ROUNDS},
+            "compression": {"method": method, "topk_fraction": 0.01},
+            "seed": 0,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("certs")
+    pki.init_ca(directory, federation="throttled")
+    pki.issue_certificate(directory, role="server", name="coordinator", hosts=("127.0.0.1",))
+    for site in SITES:
+        pki.issue_certificate(directory, role="node", name=site)
+    return directory
+
+
+def run_throttled(certs: Path, method: str) -> tuple[Any, list[dict[str, Any]], int]:
+    """Run the plan with ``method``; return the result, the events of metrics.jsonl and the proxy's cuts."""
+    plan = throttled_plan(method)
+    registry = TaskRegistry.from_entry_points()
+    catalog = DatasetCatalog.bundled()
+    task = registry.get(plan.task)
+    spec = catalog.spec(plan.dataset)
+    dataset = catalog.get(plan.dataset.name)
+    run_id = uuid.uuid4().hex
+    transport = GrpcTransport(plan, listen="127.0.0.1:0", certs_dir=certs, heartbeat_interval_s=2.0)
+    transport.set_run(run_id)
+    proxy = FaultProxy(transport.port, seed=3)
+    for direction in (proxy.up, proxy.down):
+        direction.bytes_per_s = LINK_BYTES_PER_S
+        direction.latency_s = (0.05, 0.15)
+    cut = threading.Event()
+    channels = {
+        site: GrpcNodeChannel(
+            proxy.address if site == SLOW_SITE else f"127.0.0.1:{transport.port}", certs_dir=certs, name=site,
+            give_up_after_s=30, backoff=lambda: Backoff(initial_s=0.05, maximum_s=0.5),
+        )
+        for site in SITES
+    }  # fmt: skip
+    errors: list[BaseException] = []
+    events: list[dict[str, Any]] = []
+    stopping = threading.Event()
+
+    def serve(site: str) -> None:
+        node = Node(site, task=registry.get(plan.task), data=dataset.load_site(plan.dataset, site), plan=plan)
+        channel = channels[site]
+        try:
+            channel.join()
+            channel.report_status("approved")
+            while not channel.closed:
+                job = channel.pull_job(timeout_s=0.5)
+                if job is None:
+                    continue
+                if site == SLOW_SITE and job.kind is JobKind.TRAIN and not cut.is_set():
+                    cut.set()
+                    proxy.cut_all()  # the connection drops while the site trains; it reconnects to upload
+                channel.push_result(node.handle(job))
+        except BaseException as exc:
+            if not stopping.is_set():
+                errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(site,), daemon=True) for site in SITES]
+    try:
+        for thread in threads:
+            thread.start()
+        assert len(transport.wait_for_nodes(len(SITES), timeout_s=30)) == len(SITES), errors
+        result = Coordinator(
+            plan,
+            strategy=make_strategy(plan.strategy),
+            transport=transport,
+            initial_parameters=initial_parameters(task, spec, plan),
+            statistics_width=spec.channels,
+            # The events metrics.jsonl would hold, as they are logged; no run directory, so no
+            # report.html to render (seconds of matplotlib per run, tested elsewhere).
+            on_event=events.append,
+            run_id=run_id,
+        ).run()
+    finally:
+        stopping.set()
+        transport.close()
+        for channel in channels.values():
+            channel.close()
+        for thread in threads:
+            thread.join(timeout=15)
+        proxy.close()
+    assert not errors, errors
+    return result, events, proxy.counters().cuts
+
+
+def upload_per_round(events: list[dict[str, Any]], site: str) -> list[int]:
+    return [e["bytes"][site]["up"] for e in events if e["event"] == "round_end"]
+
+
+@pytest.fixture(scope="module")
+def runs(certs: Path) -> dict[str, tuple[Any, list[dict[str, Any]], int]]:
+    return {method: run_throttled(certs, method) for method in ("none", "int8", "topk")}
+
+
+def test_runs_over_a_1_mbit_link_with_delays_and_a_dropped_connection_complete(runs: dict[str, Any]) -> None:
+    for method, (result, events, cuts) in runs.items():
+        assert result.rounds_completed == ROUNDS, method
+        assert result.failures == [], method
+        assert cuts >= 1, method  # the slow site's connection really dropped
+        assert [sorted(e["nodes_ok"]) for e in events if e["event"] == "round_end"] == [sorted(SITES)] * ROUNDS
+        assert result.final_evaluation is not None and set(result.final_evaluation.sites) == set(SITES), method
+
+
+def test_int8_shrinks_the_throttled_sites_upload_at_least_3_5_times(runs: dict[str, Any]) -> None:
+    plain = upload_per_round(runs["none"][1], SLOW_SITE)
+    int8 = upload_per_round(runs["int8"][1], SLOW_SITE)
+    assert min(plain) > 4 * 3841  # the float32 update is in it
+    assert all(p / c >= 3.5 for p, c in zip(plain, int8, strict=True)), (plain, int8)
+    ratios = [e["compression"]["ratio"][SLOW_SITE] for e in runs["int8"][1] if e["event"] == "round_end"]
+    assert all(3.9 <= r <= 4.0 for r in ratios), ratios
+
+
+def test_topk_one_percent_shrinks_the_throttled_sites_upload_at_least_15_times(runs: dict[str, Any]) -> None:
+    plain = upload_per_round(runs["none"][1], SLOW_SITE)
+    topk = upload_per_round(runs["topk"][1], SLOW_SITE)
+    assert all(p / c >= 15 for p, c in zip(plain, topk, strict=True)), (plain, topk)
