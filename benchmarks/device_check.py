@@ -2,8 +2,8 @@
 
 A site's machine check before it joins, and the GPU check for the torch
 tasks' device handling: PneumoniaMNIST divided into ``--sites`` sites
-(default 2), ``image-cnn`` (``--width`` 8, GroupNorm, so DP-SGD can run
-too), FedAvg, ``--rounds`` rounds of one local epoch. Every site is a real
+(a multiple of 5, default 5), ``image-cnn`` (``--width`` 8, GroupNorm, so DP-SGD can run
+too), FedAvg, ``--rounds`` rounds of ``--steps`` local steps (batches of 64). Every site is a real
 :class:`~fedcare.federation.node.Node` built with
 ``compute: {device: DEVICE}``, in this one process; the CPU threads are set
 once, as ``fedcare node`` sets them
@@ -14,7 +14,7 @@ Printed: the device resolved, torch's threads, each round's seconds (the
 first includes CUDA's warm-up), the mean of the others, and the final mean
 test accuracy; with ``--compare-cpu``, also the largest difference between
 the device's and the CPU's model after one round (float32 rounding, not 0,
-on a GPU). It runs anywhere torch does: without CUDA, ``auto`` is the CPU.
+on a GPU; without ``--dp``, whose noise the device's generator draws). It runs anywhere torch does: without CUDA, ``auto`` is the CPU.
 
 Usage::
 
@@ -41,7 +41,7 @@ from _common import machine_info, write_results
 __all__ = ["check_plan_for", "run_check"]
 
 
-def check_plan_for(*, sites: int, rounds: int, width: int, dp: bool) -> Any:
+def check_plan_for(*, sites: int, rounds: int, steps: int, width: int, dp: bool) -> Any:
     """The check's plan: image-cnn on PneumoniaMNIST over ``sites`` sites."""
     from fedcare.plan import parse_plan
 
@@ -52,7 +52,7 @@ def check_plan_for(*, sites: int, rounds: int, width: int, dp: bool) -> Any:
         "model": {"width": width, "norm": "group"},
         "rounds": rounds,
         "min_nodes": 1,
-        "local": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "learning_rate": 0.1},
+        "local": {"steps": steps, "batch_size": 64, "optimizer": "sgd", "learning_rate": 0.1},
         "seed": 0,
     }
     if dp:
@@ -98,7 +98,9 @@ def _federate(plan: Any, sites: dict[str, Any], *, device: str, ledger_dir: Path
     return parameters, seconds, nodes
 
 
-def run_check(*, device: str, threads: int | None, sites: int, rounds: int, width: int, dp: bool, compare_cpu: bool) -> dict[str, Any]:
+def run_check(
+    *, device: str, threads: int | None, sites: int, rounds: int, steps: int, width: int, dp: bool, compare_cpu: bool
+) -> dict[str, Any]:
     """Run the check and describe it."""
     import numpy as np
     import torch
@@ -109,7 +111,7 @@ def run_check(*, device: str, threads: int | None, sites: int, rounds: int, widt
     settings = ComputeSettings(device=device, threads=threads)
     resolved = resolve_device(settings)
     configured = configure_threads(settings, device=resolved)
-    plan = check_plan_for(sites=sites, rounds=rounds, width=width, dp=dp)
+    plan = check_plan_for(sites=sites, rounds=rounds, steps=steps, width=width, dp=dp)
     data = DatasetCatalog.bundled().get(plan.dataset.name).load_sites(plan.dataset)
     with tempfile.TemporaryDirectory() as ledgers:
         ledger_dir = Path(ledgers) if dp else None
@@ -133,6 +135,7 @@ def run_check(*, device: str, threads: int | None, sites: int, rounds: int, widt
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "sites": sites,
+        "local_steps": steps,
         "dp_sgd": dp,
         "parameters": int(parameters.num_elements),
         "seconds_per_round": seconds,
@@ -147,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores)")
-    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--sites", type=int, default=5, help="a multiple of 5 (default 5: the five scanners)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="local optimizer steps per round (default 20)")
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--dp", action="store_true", help="train with record-level DP-SGD (Opacus)")
     parser.add_argument("--compare-cpu", action="store_true", help="also train one round on the CPU and compare")
     args = parser.parse_args(argv)
-    result = run_check(device=args.device, threads=args.threads, sites=args.sites, rounds=args.rounds,
+    result = run_check(device=args.device, threads=args.threads, sites=args.sites, rounds=args.rounds, steps=args.steps,
                        width=args.width, dp=args.dp, compare_cpu=args.compare_cpu)  # fmt: skip
     path = write_results("device_check", result)
     rounds = ", ".join(f"{s:.2f}" for s in result["seconds_per_round"])

@@ -457,7 +457,8 @@ def model_device(model: Any) -> torch.device:
     import torch
 
     for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
+        device: torch.device = tensor.device
+        return device
     return torch.device("cpu")
 
 
