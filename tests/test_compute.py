@@ -307,6 +307,23 @@ def test_heart_disease_accuracy_with_time_budgets_under_fednova_stays_close_to_a
     assert abs(short.final_evaluation.mean["accuracy"] - full.final_evaluation.mean["accuracy"]) <= 0.05
 
 
+def test_fedavg_warns_in_each_round_where_budgets_leave_local_steps_more_than_2x_apart(caplog: Any) -> None:
+    plan = parse_plan({
+        "task": "tabular-logistic", "rounds": 2, "seed": 0, "strategy": {"name": "fedavg"},
+        "dataset": {"name": "heart-disease", "normalization": "per-site"},
+        "local": {"epochs": 1, "batch_size": 32, "learning_rate": 0.05}, "evaluation": {"every_rounds": 2},
+    })  # fmt: skip
+    # 10 ms a step and 0.035 s: cleveland stops after 3 or 4 of its 7 steps; switzerland plans 1 step.
+    budgeted = plan.model_copy(update={"local": plan.local.model_copy(update={"max_local_seconds": 0.035})})
+    slow = TaskRegistry([("tabular-logistic", lambda: SlowLogisticTask(0.01))])
+    message = "time budgets left sites with unequal local steps; fedavg weighs them as equal, fednova normalizes them"
+    with caplog.at_level("WARNING", logger="fedcare.federation.coordinator"):
+        simulate(plan, max_concurrency=2)  # steps 7 against 1, but no budget: nothing to warn about
+        assert [r.getMessage() for r in caplog.records].count(message) == 0
+        simulate(budgeted, registry=slow, max_concurrency=2)
+    assert [r.getMessage() for r in caplog.records].count(message) == 2
+
+
 # --- on a GPU (skipped without CUDA) ------------------------------------------------------------
 
 
