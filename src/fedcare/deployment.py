@@ -29,6 +29,7 @@ from fedcare.plan import Plan, _format_validation_error, load_plan, plan_hash, r
 from fedcare.simulation import check_plan, initial_parameters
 from fedcare.strategies import make_strategy
 from fedcare.tasks.base import SiteData
+from fedcare.tasks.compute import ComputeSettings, configure_threads, resolve_device
 from fedcare.tasks.registry import TaskRegistry
 from fedcare.tracking import chain_events, make_tracker, run_tracked
 from fedcare.transport.base import NodeChannel
@@ -71,27 +72,6 @@ SiteDataset = Annotated[
     Annotated[DatasetBinding, Tag("bundled")] | Annotated[DatasetManifest, Tag("manifest")],
     Discriminator(_binding_kind),
 ]
-
-
-class ComputeSettings(BaseModel):
-    """What a site's machine can give to local training (``compute:`` in node.yaml).
-
-    Examples
-    --------
-    >>> ComputeSettings().device
-    'auto'
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: ``auto``: CUDA when present, otherwise the CPU with threads sized to the machine;
-    #: or ``cpu``, ``cuda``, ``cuda:N``.
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
-    #: CPU threads for training; default: sized to the machine (its usable cores).
-    threads: int | None = Field(default=None, ge=1)
-    #: This site's own cap on one round's local training, in seconds; the lower of this and the
-    #: plan's ``local.max_local_seconds`` applies.
-    max_local_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class NodeConfig(BaseModel):
@@ -241,8 +221,15 @@ def run_node(
     ``on_progress`` receives ``(node_id, round, steps_done, steps_planned)``
     during each local training job (see :class:`~fedcare.federation.node.Node`).
 
+    Before dialing out, the node resolves ``config.compute.device`` and sets
+    torch's CPU threads for the process, once (``compute.threads``, or the
+    usable cores when training on the CPU; see
+    :func:`~fedcare.tasks.compute.configure_threads`).
+
     Raises
     ------
+    ConfigError
+        If ``compute.device`` asks for CUDA and this machine has none (``node.compute.device``).
     PolicyViolation
         If the coordinator refuses this node, the plan breaks the site's
         policy, the site rejected it, or it asks for a dataset or task this
@@ -256,6 +243,9 @@ def run_node(
     from fedcare.federation.audit_log import AuditLog
     from fedcare.transport.grpc_client import GrpcNodeChannel
 
+    device = resolve_device(config.compute)  # a machine that cannot train as asked fails before dialing out
+    threads = configure_threads(config.compute, device=device)  # process-wide: once, at start
+    logger.info("compute", extra={"node_id": config.name, "device": device, "threads": threads})
     registry = registry or TaskRegistry.from_entry_points()
     catalog = catalog or DatasetCatalog.bundled()
     audit = AuditLog(config.audit_log or Path(f"{config.name}-audit.jsonl"), actor=config.name)
@@ -320,6 +310,7 @@ def run_node(
             ledger_dir=config.ledger_dir or Path(f"{config.name}-privacy-ledger"),
             state_dir=config.state_dir or Path(f"{config.name}-state"),
             on_progress=on_progress,
+            compute=config.compute,
         ).serve(AuditedChannel(channel, audit=audit, plan=plan))
         audit.append("run_finished", run_id=channel.run_id)
     finally:

@@ -484,6 +484,8 @@ class Coordinator:
             jobs[node] = self._job(round_number, node, JobKind.TRAIN, global_parameters, config)
         accepted: dict[str, int] = {}
         losses: list[tuple[float, int]] = []
+        short_sites: list[str] = []
+        steps: dict[str, float] = {}
         secure_metrics: dict[str, Any] = {}
         if secure is not None:
             accepted, secure_metrics = self._secure_sum(secure, jobs, global_parameters, result)
@@ -505,6 +507,9 @@ class Coordinator:
                 )
             if "train_loss" in answer.metrics:
                 losses.append((float(answer.metrics["train_loss"]), answer.num_examples))
+            if answer.metrics.get("budget_stopped"):
+                short_sites.append(answer.node_id)  # its time budget cut its local steps short
+            steps[answer.node_id] = float(answer.metrics.get("steps", 0.0))
         if len(accepted) < plan.min_nodes:
             failed = [f for f in result.failures if f["round"] == round_number]
             reasons = "; ".join(f"{f['node_id']}: {f['error']}" for f in failed) or "no answers"
@@ -516,6 +521,11 @@ class Coordinator:
                 round=round_number,
             )
         new_parameters = self.strategy.finalize().freeze()
+        if short_sites and plan.strategy.name == "fedavg" and max(steps.values()) > 2 * max(min(steps.values()), 1):
+            logger.warning(
+                "time budgets left sites with unequal local steps; fedavg weighs them as equal, fednova normalizes them",
+                extra={"run_id": self._run_id, "round": round_number, "short_sites": len(short_sites)},
+            )
         result.participation[round_number] = sorted(accepted)
         total = sum(n for _, n in losses)
         self._emit(
@@ -533,6 +543,7 @@ class Coordinator:
                 **secure_metrics,
                 **self._epsilon_metrics(selected, result),
                 **({"site_level_dp": m} if (m := self.strategy.round_metrics()) else {}),
+                **({"short_sites": sorted(short_sites)} if short_sites else {}),
             }
         )
         return new_parameters

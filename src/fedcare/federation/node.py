@@ -28,6 +28,7 @@ from fedcare.strategies.ditto import DITTO_KEY
 from fedcare.strategies.fednova import STEPS_KEY
 from fedcare.strategies.scaffold import CONTROL_DELTA_KEY, CONTROL_KEY
 from fedcare.tasks.base import SiteData, Task, TrainHook
+from fedcare.tasks.compute import ComputeSettings, TimeBudget, resolve_device, time_budget_seconds
 from fedcare.tasks.hooks import ProximalTerm
 from fedcare.transport.base import NodeChannel
 
@@ -140,6 +141,19 @@ class Node:
         Called as ``on_progress(node_id, round, steps_done, steps_planned)``
         during local training, at most about 10 times a second (see
         :class:`TrainingProgress`); it does not change what training computes.
+    compute : ComputeSettings, optional
+        The site's machine (``compute:`` in node.yaml): models train on the
+        device it resolves to (:func:`~fedcare.tasks.compute.resolve_device`),
+        and its ``max_local_seconds`` caps each round's local training below
+        the plan's ``local.max_local_seconds``. ``None`` (simulations, tests):
+        the CPU, and the plan's budget only. CPU threads are not set here:
+        they are process-wide (:func:`~fedcare.tasks.compute.configure_threads`).
+
+    Raises
+    ------
+    ConfigError
+        If the plan enables record-level DP without ``ledger_dir``, or
+        ``compute`` asks for CUDA on a machine without it (``node.compute.device``).
 
     Examples
     --------
@@ -167,8 +181,14 @@ class Node:
         state_dir: Path | None = None,
         secure_noise: bool = True,
         on_progress: ProgressCallback | None = None,
+        compute: ComputeSettings | None = None,
     ) -> None:
         self.node_id = node_id
+        self.device = resolve_device(compute)
+        #: One round's local training budget in seconds: the lower of the plan's and the site's.
+        self.max_local_seconds = time_budget_seconds(
+            plan.local.max_local_seconds, None if compute is None else compute.max_local_seconds
+        )
         self.on_progress = on_progress
         self.task = task
         self.plan = plan
@@ -326,11 +346,18 @@ class Node:
 
             planned = planned_steps(len(data.train), self.plan.local) if len(data.train) else 0
             hooks.append(TrainingProgress(self.on_progress, node_id=self.node_id, round=job.round, steps_planned=planned))
+        budget = None if self.max_local_seconds is None else TimeBudget(self.max_local_seconds)  # its clock starts now
+        if budget is not None:
+            hooks.append(budget)
         outcome = self.task.train(model, data.train, self.plan, seed=seed, hooks=hooks)
+        compute_metrics = {"steps": float(outcome.steps)}
+        if budget is not None:
+            compute_metrics["budget_stopped"] = float(budget.stopped)
         privacy_metrics: dict[str, float] = {}
         if self._privacy is not None:
-            if outcome.steps > mechanism.steps:
-                mechanism = dataclasses.replace(mechanism, steps=outcome.steps)  # account what really ran
+            if outcome.steps != mechanism.steps and outcome.steps >= 1:
+                # Account exactly the steps that ran: more than planned, or fewer when the time budget cut them.
+                mechanism = dataclasses.replace(mechanism, steps=outcome.steps)
             self._privacy.record(mechanism, run_id=job.run_id, round_number=job.round)
             privacy_metrics = dict(self._privacy.summary())
         new = self.task.get_parameters(model)
@@ -356,7 +383,7 @@ class Node:
         if secure is not None:
             # The update stays here; only public keys leave now, and later the masked sum's share.
             keys = self._start_secure(job, secure, delta, num_examples=outcome.num_examples)
-            return self._answer(job, data={"keys": keys}, metrics={"steps": float(outcome.steps), **privacy_metrics})
+            return self._answer(job, data={"keys": keys}, metrics={**compute_metrics, **privacy_metrics})
         training_metrics = (
             {**outcome.metrics, **personal_metrics} if "training_metrics" in self.policy.allowed_statistics else {}
         )
@@ -364,7 +391,7 @@ class Node:
             job,
             update=self._compressed(delta, new.spec, run_id=job.run_id, seed=seed),
             num_examples=outcome.num_examples,
-            metrics={**training_metrics, "steps": float(outcome.steps), **privacy_metrics},
+            metrics={**training_metrics, **compute_metrics, **privacy_metrics},
             data=side,
         )
 
@@ -477,7 +504,7 @@ class Node:
 
     def _model_with(self, parameters: Parameters) -> Any:
         if self._model is None:
-            self._model = self.task.build_model(self._data.spec, self.plan)
+            self._model = self.task.to_device(self.task.build_model(self._data.spec, self.plan), self.device)
         if self._local_tensors is not None:  # FedBN: the global values of local tensors are ignored
             local = self._local_tensors
             parameters = Parameters({name: local.get(name, value) for name, value in parameters.items()})
@@ -489,7 +516,7 @@ class Node:
     ) -> dict[str, float]:
         """Ditto: train the personal model ``v`` with ``lambda / 2 ||v - w_global||^2``, from its last state."""
         if self._personal is None:
-            self._personal = self.task.build_model(self._data.spec, self.plan)
+            self._personal = self.task.to_device(self.task.build_model(self._data.spec, self.plan), self.device)
             state = global_parameters  # v starts from the first global model this site receives
         else:
             state = self.task.get_parameters(self._personal)

@@ -1,11 +1,13 @@
 """Tasks: models and training recipes installed at each site, registered by name."""
 
 from fedcare.tasks.base import DataSpec, SiteData, Split, Task, TrainHook, TrainResult
+from fedcare.tasks.compute import ComputeSettings, TimeBudget
 from fedcare.tasks.hooks import ControlVariateCorrection, ProximalTerm
 from fedcare.tasks.registry import ENTRY_POINT_GROUP, TaskRegistry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "ComputeSettings",
     "ControlVariateCorrection",
     "DataSpec",
     "ProximalTerm",
@@ -13,6 +15,7 @@ __all__ = [
     "Split",
     "Task",
     "TaskRegistry",
+    "TimeBudget",
     "TrainHook",
     "TrainResult",
 ]

@@ -151,8 +151,9 @@ class TrainHook:
 
     A task calls :meth:`wrap` once before training with its own model,
     optimizer and data loader and trains with what it gets back,
-    :meth:`on_loss` on the loss of each batch, and :meth:`close` once after
-    training, even when training failed. The base class changes nothing.
+    :meth:`on_loss` on the loss of each batch, :meth:`should_stop` after
+    each optimizer step but the last planned one, and :meth:`close` once
+    after training, even when training failed. The base class changes nothing.
     """
 
     #: True when the hook needs the task to train from a ``torch`` data loader
@@ -166,6 +167,16 @@ class TrainHook:
     def on_loss(self, model: Any, loss: Any) -> Any:
         """Return the (possibly augmented) loss of one batch."""
         return loss
+
+    def should_stop(self) -> bool:
+        """Whether training should stop now, before its next step (by default, never).
+
+        The built-in torch tasks stop as soon as one hook says so and report
+        the steps they really took in :attr:`TrainResult.steps`; a task that
+        never asks trains every planned step (see
+        :class:`~fedcare.tasks.compute.TimeBudget`).
+        """
+        return False
 
     def close(self) -> None:
         """Undo what :meth:`wrap` attached to the model."""
@@ -219,6 +230,16 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: Any, data: Split) -> dict[str, float]:
         """Return metrics of the model on ``data``."""
+
+    def to_device(self, model: Any, device: str) -> Any:
+        """Return ``model`` placed on ``device`` (``cpu``, ``cuda``, ``cuda:N``), to train and evaluate there.
+
+        The node calls it once on each model it builds, with the device its
+        ``compute:`` settings resolve to (:func:`~fedcare.tasks.compute.resolve_device`).
+        Parameters still come and go as CPU arrays. The default returns the
+        model unchanged: a task that does not use torch trains where it is.
+        """
+        return model
 
     def local_parameter_names(self, model: Any) -> tuple[str, ...]:
         """Names of the tensors a site keeps for itself under ``fedbn`` (normalization layers).

@@ -11,7 +11,9 @@ from fedcare.errors import ConfigError, DataError
 from fedcare.metrics import concordance_index
 from fedcare.plan import Plan
 from fedcare.tasks.base import DataSpec, Split, TrainHook, TrainResult
-from fedcare.tasks.torch_task import TorchClassificationTask, make_optimizer, planned_steps, shuffled_batches
+from fedcare.tasks.torch_task import (
+    TorchClassificationTask, make_optimizer, model_device, planned_steps, shuffled_batches, stop_requested,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     import torch
@@ -56,9 +58,9 @@ def cox_partial_likelihood_loss(risk: torch.Tensor, time: np.ndarray, event: np.
     sorted_time = np.asarray(time, dtype=np.float64)[order]
     # The last position holding each time: the cumulative sum there covers every j with time_j >= time_i.
     last = np.searchsorted(-sorted_time, -sorted_time, side="right") - 1
-    sorted_risk = risk[torch.from_numpy(order)]
-    log_risk_set = torch.logcumsumexp(sorted_risk, dim=0)[torch.from_numpy(last)]
-    events = torch.from_numpy(np.asarray(event, dtype=np.float64)[order]).to(risk.dtype)
+    sorted_risk = risk[torch.from_numpy(order).to(risk.device)]
+    log_risk_set = torch.logcumsumexp(sorted_risk, dim=0)[torch.from_numpy(last).to(risk.device)]
+    events = torch.from_numpy(np.asarray(event, dtype=np.float64)[order]).to(device=risk.device, dtype=risk.dtype)
     return -((sorted_risk - log_risk_set) * events).sum() / max(risk.shape[0], 1)
 
 
@@ -71,7 +73,8 @@ class CoxTask(TorchClassificationTask):
     optimizer, learning rate and epochs follow ``plan.local`` and are drawn
     as in :class:`~fedcare.tasks.torch_task.TorchClassificationTask`, from a
     ``numpy.random.Generator`` seeded by the coordinator. Hooks'
-    ``on_loss`` run on every batch (proximal terms). Record-level
+    ``on_loss`` run on every batch (proximal terms), and training stops
+    early when one asks (:class:`~fedcare.tasks.compute.TimeBudget`). Record-level
     differential privacy (DP-SGD) is refused: the partial likelihood couples
     every patient of a batch to the others' risk sets, so per-sample
     gradient clipping does not bound one record's influence. ``evaluate``
@@ -134,11 +137,12 @@ class CoxTask(TorchClassificationTask):
         optimizer = make_optimizer(model, plan)
         batch = min(plan.local.batch_size, n)
         total_steps = planned_steps(n, plan.local)
+        device = model_device(model)
         model.train()
         steps, loss_sum, seen = 0, 0.0, 0
         for index in shuffled_batches(n, batch=batch, steps=total_steps, seed=seed):
             optimizer.zero_grad(set_to_none=True)
-            risk = model(x[torch.from_numpy(index)]).reshape(-1)
+            risk = model(x[torch.from_numpy(index)].to(device)).reshape(-1)
             loss: Any = cox_partial_likelihood_loss(risk, time[index], event[index])
             for hook in hooks:
                 loss = hook.on_loss(model, loss)
@@ -147,6 +151,8 @@ class CoxTask(TorchClassificationTask):
             steps += 1
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
+            if steps < total_steps and stop_requested(hooks):
+                break
         return TrainResult(num_examples=n, steps=steps, metrics={"train_loss": loss_sum / seen})
 
     def evaluate(self, model: Any, data: Split) -> dict[str, float]:
@@ -164,9 +170,10 @@ class CoxTask(TorchClassificationTask):
             return {}
         model.eval()
         with torch.inference_mode():
-            risk = model(torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))).reshape(-1)
+            x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)).to(model_device(model))
+            risk = model(x).reshape(-1)
             loss = float(cox_partial_likelihood_loss(risk, time, data.y))
-        return {"c_index": concordance_index(time, data.y, risk.numpy()), "loss": loss}
+        return {"c_index": concordance_index(time, data.y, risk.cpu().numpy()), "loss": loss}
 
 
 def _survival_time(data: Split) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,10 @@ from fedcare.tasks.base import DataSpec, Split, Task, TrainHook, TrainResult
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchClassificationTask", "balanced_class_weights", "dropout", "planned_steps", "seed_dropout", "shuffled_batches"]
+__all__ = [
+    "TorchClassificationTask", "balanced_class_weights", "dropout", "model_device", "planned_steps", "seed_dropout",
+    "shuffled_batches", "stop_requested",
+]  # fmt: skip
 
 
 class TorchClassificationTask(Task):
@@ -28,6 +32,11 @@ class TorchClassificationTask(Task):
     and binary cross-entropy; multi-class tasks use cross-entropy. Batches are
     drawn from a ``numpy.random.Generator`` seeded by the coordinator, so a
     run is reproducible whatever the transport and thread schedule.
+
+    The model trains and evaluates on the device it sits on
+    (:meth:`to_device`); batches are drawn, augmented and dropout masks
+    drawn on the CPU, then moved there, so the randomness is the same on
+    every device, and on the CPU training is exactly what it always was.
 
     Subclasses may override :meth:`augment` to change each training batch
     (imaging tasks flip and shift images); by default batches are used as
@@ -90,6 +99,18 @@ class TorchClassificationTask(Task):
         parameters.flatten()  # copies into one fresh buffer: detached from the live model
         return parameters
 
+    def to_device(self, model: Any, device: str) -> Any:
+        """Move the module's parameters and buffers to ``device``, in place; return it.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from fedcare.tasks.tabular import MLPTask
+        >>> MLPTask().to_device(torch.nn.Linear(2, 1), "cpu").weight.device.type
+        'cpu'
+        """
+        return model.to(device)
+
     def set_parameters(self, model: Any, parameters: Parameters) -> None:
         state = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
         if list(state) != list(parameters):
@@ -104,7 +125,13 @@ class TorchClassificationTask(Task):
                     f"tensor {name!r} has shape {incoming.shape}, the model expects "
                     f"{tuple(tensor.shape)}"
                 )
-            np.copyto(tensor.detach().numpy(), incoming)
+            if tensor.device.type == "cpu":
+                np.copyto(tensor.detach().numpy(), incoming)
+            else:
+                import torch
+
+                with torch.no_grad():
+                    tensor.copy_(torch.tensor(incoming))  # a copy: the incoming array may be read-only
 
     def local_parameter_names(self, model: Any) -> tuple[str, ...]:
         """Floating tensors (weights, biases, running statistics) of the model's BatchNorm layers.
@@ -156,10 +183,11 @@ class TorchClassificationTask(Task):
         optimizer = make_optimizer(model, plan)
         batch = min(local.batch_size, n)
         total_steps = planned_steps(n, local)
+        device = model_device(model)
         weights: torch.Tensor | None = None
         if local.class_weighting == "balanced":
             classes = 2 if binary else model_outputs(model)
-            weights = torch.from_numpy(balanced_class_weights(data.y, num_classes=classes))
+            weights = torch.from_numpy(balanced_class_weights(data.y, num_classes=classes)).to(device)
         augmentation = torch.Generator()
         augmentation.manual_seed(_augmentation_seed(seed))
         seed_dropout(model, seed)
@@ -171,14 +199,14 @@ class TorchClassificationTask(Task):
         if any(hook.needs_data_loader for hook in hooks):
             return _train_from_loader(
                 model, optimizer, x, y, loss_fn, binary=binary, batch=batch, seed=seed, total_steps=total_steps,
-                hooks=hooks, augment=augment, weights=weights,
+                hooks=hooks, augment=augment, weights=weights, device=device,
             )  # fmt: skip
         steps = 0
         loss_sum = 0.0
         seen = 0
         for rows in shuffled_batches(n, batch=batch, steps=total_steps, seed=seed):
             index = torch.from_numpy(rows)
-            xb, yb = augment(x[index]), y[index]
+            xb, yb = augment(x[index]).to(device), y[index].to(device)
             optimizer.zero_grad(set_to_none=True)
             output = model(xb)
             if binary:
@@ -194,6 +222,8 @@ class TorchClassificationTask(Task):
             steps += 1
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
+            if steps < total_steps and stop_requested(hooks):
+                break
         return TrainResult(num_examples=n, steps=steps, metrics={"train_loss": loss_sum / seen})
 
     def evaluate(self, model: Any, data: Split) -> dict[str, float]:
@@ -203,7 +233,8 @@ class TorchClassificationTask(Task):
             return {}
         model.eval()
         with torch.inference_mode():
-            output = model(torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)))
+            x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)).to(model_device(model))
+            output = model(x).cpu()
         if model_outputs(model) == 1:
             probability = torch.sigmoid(output.reshape(-1)).numpy()
             return binary_metrics(data.y, probability)
@@ -288,7 +319,8 @@ def _seeded_dropout_class() -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not self.training or self.p == 0:
                 return x
-            keep = torch.rand(x.shape, generator=self.generator, dtype=x.dtype) >= self.p
+            # Drawn on the CPU, whatever the device: the same masks everywhere.
+            keep = (torch.rand(x.shape, generator=self.generator, dtype=x.dtype) >= self.p).to(x.device)
             return x * keep / (1 - self.p)
 
         def extra_repr(self) -> str:
@@ -348,8 +380,12 @@ def _train_from_loader(
     hooks: Sequence[TrainHook],
     augment: Callable[[torch.Tensor], torch.Tensor] = _identity,
     weights: torch.Tensor | None = None,
+    device: Any = "cpu",
 ) -> TrainResult:
-    """Train from a shuffling ``DataLoader`` that the hooks may replace (DP-SGD's Poisson sampling)."""
+    """Train from a shuffling ``DataLoader`` that the hooks may replace (DP-SGD's Poisson sampling).
+
+    The loader yields CPU batches; each is augmented there, then moved to ``device``.
+    """
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -369,8 +405,10 @@ def _train_from_loader(
             except StopIteration:
                 batches = iter(loader)
                 continue
+            xb = (augment(xb) if len(yb) else xb).to(device)
+            yb = yb.to(device)
             optimizer.zero_grad(set_to_none=True)
-            output = trained(augment(xb) if len(yb) else xb)
+            output = trained(xb)
             if binary:
                 output = output.reshape(-1)
             # A Poisson batch may be empty: its step still adds noise, from a zero (not NaN) loss.
@@ -385,10 +423,43 @@ def _train_from_loader(
             steps += 1
             loss_sum += float(loss.detach()) * len(yb)
             seen += len(yb)
+            if steps < total_steps and stop_requested(hooks):
+                break
     finally:
         for hook in reversed(opened):
             hook.close()
     return TrainResult(num_examples=len(y), steps=steps, metrics={"train_loss": loss_sum / max(seen, 1)})
+
+
+def stop_requested(hooks: Sequence[TrainHook]) -> bool:
+    """Whether any hook asks training to stop now (:meth:`~fedcare.tasks.base.TrainHook.should_stop`).
+
+    Every hook is asked, so each one's own record (a budget's ``stopped``) is current.
+
+    Examples
+    --------
+    >>> stop_requested([TrainHook()]), stop_requested([])
+    (False, False)
+    """
+    answers = [hook.should_stop() for hook in hooks]
+    return any(answers)
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of the module's first parameter (or buffer); the CPU for a module with neither.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model_device(torch.nn.Linear(2, 1)).type, model_device(torch.nn.ReLU()).type
+    ('cpu', 'cpu')
+    """
+    import torch
+
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        device: torch.device = tensor.device
+        return device
+    return torch.device("cpu")
 
 
 def model_outputs(model: Any) -> int:

@@ -90,7 +90,9 @@ class DPSGD(TrainHook):
         import torch
         from opacus import PrivacyEngine
 
-        generator = torch.Generator()
+        from fedcare.tasks.torch_task import model_device
+
+        generator = torch.Generator(device=model_device(model))  # Opacus draws the noise where the gradients are
         seed = self.noise_seed if self.noise_seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
         generator.manual_seed(seed)
         with warnings.catch_warnings():
