@@ -49,8 +49,8 @@ def heart_plan(method: str) -> Plan:
 
 def _secure_round(
     method: str, *, model_size: int, updates: dict[str, np.ndarray], examples: dict[str, int]
-) -> tuple[SecureRound, dict[str, JobResult]]:
-    """Drive one secure round through SecureRound and each node's NodeSecureAggregation, up to the sum."""
+) -> tuple[SecureRound, dict[str, JobResult], np.ndarray]:
+    """Drive one secure round through SecureRound and each node's NodeSecureAggregation; return the unmasked sum too."""
     compression = CompressionConfig(method=method)  # type: ignore[arg-type]
     secure = SecureRound(
         config=SecureAggregationConfig(enabled=True, clip=1.0, max_examples=100),
@@ -93,8 +93,7 @@ def _secure_round(
         config = {"secagg_phase": "unmask", "survivors": survivors, "signatures": {str(i): s for i, s in signed.items()}}
         data, _, _ = node.step(config=config, run_id="run", round_number=1)
         reveals[secure.index(name)] = {int(j): s for j, s in data["shares"].items()}
-    secure.total = secure.server.finish(reveals)  # type: ignore[attr-defined]
-    return secure, answers
+    return secure, answers, secure.server.finish(reveals)
 
 
 # -- the wire form -----------------------------------------------------------------------
@@ -132,8 +131,8 @@ def test_16_bit_ring_halves_the_masked_upload_and_keeps_the_weighted_mean():
     updates = {name: rng.uniform(-0.5, 0.5, size=model_size).astype(np.float32) for name in NODES}
     examples = {"a": 100, "b": 50, "c": 80, "d": 20}
 
-    narrow, narrow_answers = _secure_round("int8", model_size=model_size, updates=updates, examples=examples)
-    wide, wide_answers = _secure_round("none", model_size=model_size, updates=updates, examples=examples)
+    narrow, narrow_answers, narrow_total = _secure_round("int8", model_size=model_size, updates=updates, examples=examples)
+    wide, wide_answers, wide_total = _secure_round("none", model_size=model_size, updates=updates, examples=examples)
 
     assert (narrow.context.ring_bits, wide.context.ring_bits) == (16, 32)
     for name in NODES:
@@ -141,13 +140,13 @@ def test_16_bit_ring_halves_the_masked_upload_and_keeps_the_weighted_mean():
         assert narrow_answers[name].payload_bytes == 4 * ((model_size + 2) // 2)  # 20,004 bytes instead of 40,004
     weights = np.array([examples[n] / 100 for n in NODES])
     expected = np.sum([w * updates[n].astype(np.float64) for w, n in zip(weights, NODES)], axis=0) / weights.sum()
-    for secure in (narrow, wide):
-        mean, weight = secure.weighted_mean(secure.total)  # type: ignore[attr-defined]
+    for secure, total in ((narrow, narrow_total), (wide, wide_total)):
+        mean, weight = secure.weighted_mean(total)
         bound = quantization_error_bound(scale=secure.context.scale, num_summed=len(NODES))
         assert abs(weight - weights.sum()) <= bound
         # The numerator and the weight are each off by less than the bound; the mean by at most twice it over the weight.
         assert np.abs(mean - expected).max() <= 2 * bound / (weights.sum() - bound)
-    narrow_mean, _ = narrow.weighted_mean(narrow.total)  # type: ignore[attr-defined]
+    narrow_mean, _ = narrow.weighted_mean(narrow_total)
     assert np.abs(narrow_mean - expected).max() > 1e-6  # the narrow ring is coarser: this test sees it
 
 

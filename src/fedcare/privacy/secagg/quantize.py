@@ -56,7 +56,7 @@ def _largest_sum(ring_bits: int) -> int:
     """``2**(ring_bits - 1) - 1``: the largest sum whose sign the ring still shows."""
     if ring_bits not in RING_BITS:
         raise ConfigError(f"must be one of {RING_BITS}, got {ring_bits!r}", field="secagg.ring_bits")
-    return 2 ** (ring_bits - 1) - 1
+    return (1 << (ring_bits - 1)) - 1
 
 
 def max_scale(*, clip: float, max_nodes: int, ring_bits: int = 32) -> float:
