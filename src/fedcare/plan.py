@@ -321,7 +321,10 @@ class SecureAggregationConfig(_Section):
         Must exceed half of ``neighbours + 1``.
     scale : float, optional
         Quantization steps per unit; default: the largest at which the sum of
-        the round's sites cannot wrap the 32-bit ring. A larger one is refused.
+        the round's sites cannot wrap the ring. A larger one is refused. The
+        ring has 32 bits, or 16 under ``compression.method`` int8, float16 or
+        bfloat16 (half the upload; at most 254, 15 and 127 sites, see
+        ``docs/privacy.md``); ``topk`` is refused with secure aggregation.
     """
 
     enabled: bool = False
