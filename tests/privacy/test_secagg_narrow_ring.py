@@ -89,7 +89,7 @@ def test_masked_input_in_the_16_bit_ring_is_uniform_over_its_16_bits():
     assert int(words.max()) < 2**16
     # 64 equal bins over [0, 2**16): the low 16 bits of the AES keystream are uniform, so zeros are hidden.
     counts = np.bincount(words >> 10, minlength=64)
-    assert stats.chisquare(counts).pvalue > 1e-4
+    assert stats.chisquare(counts).pvalue > 1e-6  # masks come from os.urandom: a false alarm once in 10**6 runs
     assert np.mean(words & 1) == pytest.approx(0.5, abs=0.03)
 
 
