@@ -32,6 +32,11 @@ Reported per case:
     :class:`fedcare.strategies.fedavg.FedAvg` (``begin_round``, one
     ``accumulate`` per survivor, ``finalize``).
 
+``upload bytes``
+    One node's masked input as it travels (:func:`~fedcare.federation.secure_ring.masked_parameters`):
+    in the 32-bit ring, and packed two words to one in the 16-bit ring that
+    ``compression.method`` int8, float16 or bfloat16 selects.
+
 and, once, the throughput of :func:`~fedcare.privacy.secagg.masking.expand_mask`
 over 10,000,000 words (best of 5; 1 GB = 10^9 bytes).
 
@@ -63,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcare.federation.secure_ring import masked_parameters
 from fedcare.params import Parameters
 from fedcare.privacy.secagg.config import resolve_params
 from fedcare.privacy.secagg.masking import KEY_BYTES, expand_mask
@@ -170,6 +176,7 @@ def run_case(*, num_nodes: int, vector_length: int, dropout: float, seed: int) -
     coordinator = _Stopwatch()
     client_setup_s: list[float] = []
     client_mask_s: list[float] = []
+    upload_bytes: dict[int, int] = {}
 
     adverts = {i: client.advertise_keys() for i, client in clients.items()}
     with coordinator("receive_keys"):
@@ -189,6 +196,8 @@ def run_case(*, num_nodes: int, vector_length: int, dropout: float, seed: int) -
         client_mask_s.append(time.perf_counter() - started)
         with coordinator("add_masked_input"):
             server.add_masked_input(i, masked.values)
+        if not upload_bytes:  # the same for every node: its wire size, 32-bit and 16-bit ring
+            upload_bytes = {bits: masked_parameters(masked.values, ring_bits=bits).nbytes for bits in (32, 16)}
         del masked  # one masked vector alive at a time
     with coordinator("survivors"):
         survivors = server.survivors()
@@ -225,6 +234,8 @@ def run_case(*, num_nodes: int, vector_length: int, dropout: float, seed: int) -
         "max_abs_error": error,
         "error_bound": bound,
         "sum_correct": error < bound,
+        "upload_bytes_32": upload_bytes[32],
+        "upload_bytes_16": upload_bytes[16],
     }
 
 
@@ -327,6 +338,7 @@ def _render(payload: Mapping[str, Any]) -> str:
         phases,
     )
     mask = payload["mask_expansion"]
+    widest = max(payload["cases"], key=lambda case: case["vector_length"])
     lines = [
         table,
         "",
@@ -336,6 +348,9 @@ def _render(payload: Mapping[str, Any]) -> str:
         f"mask expansion: expand_mask of {mask['words']:,} words ({mask['bytes'] / 1e6:.0f} MB) in "
         f"{mask['best_s'] * 1e3:.1f} ms = {mask['gb_per_s']:.2f} GB/s (goal >= {mask['goal_gb_per_s']:g} GB/s: "
         f"{'yes' if mask['goal_met'] else 'NO'})",
+        f"masked upload per node, {widest['vector_length']:,} params: {widest['upload_bytes_32']:,} bytes in the "
+        f"32-bit ring, {widest['upload_bytes_16']:,} in the 16-bit ring (compression int8/float16/bfloat16): "
+        f"{widest['upload_bytes_16'] / widest['upload_bytes_32']:.2f}x",
     ]
     return "\n".join(lines)
 

@@ -321,7 +321,10 @@ class SecureAggregationConfig(_Section):
         Must exceed half of ``neighbours + 1``.
     scale : float, optional
         Quantization steps per unit; default: the largest at which the sum of
-        the round's sites cannot wrap the 32-bit ring. A larger one is refused.
+        the round's sites cannot wrap the ring. A larger one is refused. The
+        ring has 32 bits, or 16 under ``compression.method`` int8, float16 or
+        bfloat16 (half the upload; at most 254, 15 and 127 sites, see
+        ``docs/privacy.md``); ``topk`` is refused with secure aggregation.
     """
 
     enabled: bool = False
@@ -620,17 +623,25 @@ class Plan(_Section):
             )
         secure = self.secure_aggregation
         sites = self.nodes_per_round or (len(self.nodes) if self.nodes is not None else None)
-        if secure.enabled and sites is not None:
-            from fedcare.federation.secure_aggregation import round_settings
+        if secure.enabled:
+            from fedcare.federation.secure_aggregation import round_settings, secure_ring_bits
 
             try:
-                round_settings(secure, num_nodes=sites, vector_length=1)
+                secure_ring_bits(self.compression)
             except ConfigError as exc:
-                location = (exc.field or "secure_aggregation").removeprefix("secagg.")
+                raise PydanticCustomError(
+                    "compression_under_secure_aggregation", "{message}", {"message": exc.message, "loc": exc.field}
+                ) from None
+        if secure.enabled and sites is not None:
+            try:
+                round_settings(secure, num_nodes=sites, vector_length=1, compression=self.compression)
+            except ConfigError as exc:
+                field = exc.field or "secure_aggregation"
+                location = field if field.startswith("compression.") else f"secure_aggregation.{field.removeprefix('secagg.')}"
                 raise PydanticCustomError(
                     "secure_aggregation",
                     "{message} (for {sites} sites per round)",
-                    {"message": exc.message, "sites": sites, "loc": f"secure_aggregation.{location}"},
+                    {"message": exc.message, "sites": sites, "loc": location},
                 ) from None
         if secure.enabled and self.strategy.name in _NEEDS_ALL_UPDATES:
             raise PydanticCustomError(

@@ -30,9 +30,11 @@ def test_secagg_benchmark_writes_a_row_per_case_with_positive_times(tmp_path):
         assert case["ratio"] == case["coordinator_s"] / case["plain_s"]
         assert case["sum_correct"] and case["max_abs_error"] < case["error_bound"]
         assert case["goal_ratio"] is None  # the goals are for 10,000,000 parameters
+        assert (case["upload_bytes_32"], case["upload_bytes_16"]) == (4 * 5000, 2 * 5000)
         assert set(case["coordinator_phases_s"]) == {
             "receive_keys", "receive_shares", "add_masked_input", "survivors", "receive_signatures", "finish",
             "dequantize_sum",
         }
     assert payload["mask_expansion"]["words"] == 1_000_000 and payload["mask_expansion"]["gb_per_s"] > 0
     assert "secagg/plain" in result.stdout and "GB/s" in result.stdout
+    assert "20,000 bytes in the 32-bit ring, 10,000 in the 16-bit ring" in result.stdout

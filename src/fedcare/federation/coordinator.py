@@ -18,7 +18,7 @@ from fedcare.data.normalization import FeatureStats, Standardization, combine_fe
 from fedcare.errors import ConfigError, FedcareError, FederationError, ProtocolError, TransportError
 from fedcare.federation.participation import ApprovalGate
 from fedcare.federation.rundir import RunDirectory
-from fedcare.federation.secure_aggregation import SecureRound, masked_words, round_settings
+from fedcare.federation.secure_aggregation import SecureRound, round_settings
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.metrics import aggregate_site_metrics
 from fedcare.params import Parameters, update_digest
@@ -121,7 +121,9 @@ def check_participation(plan: Plan, nodes: list[str]) -> int:
     ------
     ConfigError
         If ``plan.nodes_per_round`` exceeds the nodes or ``plan.min_nodes`` exceeds
-        the nodes per round.
+        the nodes per round, or the secure aggregation settings do not fit the
+        nodes per round (with a narrowing ``plan.compression``: too many nodes
+        for the 16-bit ring).
 
     Examples
     --------
@@ -146,12 +148,13 @@ def check_participation(plan: Plan, nodes: list[str]) -> int:
         )
     if plan.secure_aggregation.enabled:
         try:
-            round_settings(plan.secure_aggregation, num_nodes=per_round, vector_length=1)
+            round_settings(
+                plan.secure_aggregation, num_nodes=per_round, vector_length=1, compression=plan.compression
+            )
         except ConfigError as exc:
-            location = (exc.field or "").removeprefix("secagg.")
-            raise ConfigError(
-                f"{exc.message} (for {per_round} nodes per round)", field=f"plan.secure_aggregation.{location}"
-            ) from None
+            field = exc.field or ""
+            location = field if field.startswith("compression.") else f"secure_aggregation.{field.removeprefix('secagg.')}"
+            raise ConfigError(f"{exc.message} (for {per_round} nodes per round)", field=f"plan.{location}") from None
     return per_round
 
 
@@ -471,6 +474,7 @@ class Coordinator:
                 nodes=selected,
                 model_size=global_parameters.num_elements,
                 site_level=plan.privacy.site_level,
+                compression=plan.compression,
             )
             if plan.secure_aggregation.enabled
             else None
@@ -653,7 +657,7 @@ class Coordinator:
                     self._record_failure(result, answer, "masked input carries no vector")
                     continue
                 try:
-                    words = masked_words(answer.update, length=secure.context.params.vector_length)
+                    words = secure.masked_words(answer.update)
                     secure.server.add_masked_input(index, words)
                 except ProtocolError as exc:
                     self._record_failure(result, answer, exc.message)

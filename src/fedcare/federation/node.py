@@ -19,7 +19,7 @@ from fedcare.errors import ConfigError, FedcareError, ProtocolError
 from fedcare.federation.control_variates import NodeControlVariate
 from fedcare.federation.differential_privacy import NodePrivacy
 from fedcare.federation.policy import NodePolicy
-from fedcare.federation.secure_aggregation import NodeSecureAggregation, masked_parameters
+from fedcare.federation.secure_aggregation import NodeSecureAggregation, secure_ring_bits
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.params import Parameters
 from fedcare.personalization import fine_tune, personalized
@@ -214,6 +214,8 @@ class Node:
             site_level=plan.privacy.site_level,
             # Distributed-DP noise shares: from the OS in deployments, repeatable in simulations.
             noise_rng=None if secure_noise else np.random.default_rng([plan.seed, *node_id.encode()]),
+            # The ring of the secure sum follows the approved plan's compression; rounds in another are refused.
+            ring_bits=secure_ring_bits(plan.compression) if plan.secure_aggregation.enabled else 32,
         )
         self._data = data
         self._plan_hash = plan_hash(plan)
@@ -318,6 +320,7 @@ class Node:
         if secure is not None:
             # Check the round's settings (and the policy) before spending time on training.
             context, _, _ = NodeSecureAggregation.context_from(secure, run_id=job.run_id, round_number=job.round)
+            self._secure.check_ring(context)
             self.policy.check_participants(context.params.num_nodes, stage="announced")
         seed = job.config.get("seed", 0)
         if type(seed) is not int:
@@ -431,7 +434,7 @@ class Node:
         data, masked, num_clipped = self._secure.step(config=job.config, run_id=job.run_id, round_number=job.round)
         if masked is None:
             return self._answer(job, data=data)
-        return self._answer(job, update=masked_parameters(masked), metrics={"secagg_clipped": float(num_clipped)})
+        return self._answer(job, update=masked, metrics={"secagg_clipped": float(num_clipped)})
 
     def _feature_stats(self, job: Job) -> JobResult:
         self.policy.check_statistic("feature_statistics")

@@ -8,7 +8,7 @@ job                 the node does                            and returns
 ==================  =======================================  ===============================
 ``TRAIN``           trains, keeps its update, makes keys     its public keys (``data``)
 ``SECAGG`` shares   Shamir-shares its two secrets            one ciphertext per neighbour
-``SECAGG`` masked   weights, clips, quantizes and masks      the masked ``uint32`` vector
+``SECAGG`` masked   weights, clips, quantizes and masks      the masked vector (32 or 16 bits)
 ``SECAGG`` check    signs the set of surviving nodes         its signature
 ``SECAGG`` unmask   checks the signatures                    one share per neighbour
 ==================  =======================================  ===============================
@@ -33,6 +33,21 @@ multiplier of ``z sqrt(k / n)``: to keep ``z`` through up to ``d`` dropouts,
 plan ``z sqrt(n / (n - d))``. The per-coordinate clip of the ring still
 applies (and is counted); the guarantee assumes it clips nothing, so set
 ``secure_aggregation.clip`` well above ``C`` plus a few noise shares.
+
+With ``compression.method`` ``int8``, ``float16`` or ``bfloat16`` the sum is
+taken in the 16-bit ring (:func:`secure_ring_bits`): each node sends only the
+low 16 bits of its masked words, two to a transported word, so its upload
+halves; the coordinator unpacks them into the same ``uint32`` running sum and
+reads the total modulo ``2**16``. The ring then holds ``floor((2**15 - 1) /
+n) - 2`` quantization steps per ``clip`` for ``n`` sites, and a round is
+refused when that is fewer than the method keeps (:data:`NARROW_RING_STEPS`):
+int8 fits up to 254 sites, bfloat16 127, float16 15. ``topk`` is refused
+under secure aggregation. Noise (distributed DP) is added before
+quantization, as without compression. The weight travels in the narrow ring
+too: the sum of ``k`` weights is off by less than ``k / scale``, so the mean's
+relative error from it is below ``k / (scale * sum(w))``; keep
+``max_examples`` close to the largest site so that the weights are near 1
+(for 4 sites, ``clip: 1`` and weights of about 0.5, under 0.1 %).
 """
 
 from __future__ import annotations
@@ -47,16 +62,23 @@ from typing import Any
 import numpy as np
 
 from fedcare.errors import FedcareError, ProtocolError
+from fedcare.federation.secure_ring import (
+    MASKED_TENSOR,
+    NARROW_RING_STEPS,
+    masked_parameters,
+    masked_words,
+    round_settings,
+    secure_ring_bits,
+)
 from fedcare.params import Parameters
-from fedcare.plan import SecureAggregationConfig, SiteLevelPrivacy
+from fedcare.plan import CompressionConfig, SecureAggregationConfig, SiteLevelPrivacy
 from fedcare.privacy.secagg import (
     RoundContext,
     SecAggClient,
     SecAggServer,
     check_headroom,
     dequantize_sum,
-    max_scale,
-    resolve_params,
+    resolve_params,  # noqa: F401 - used by the doctests
     validate_params,
 )
 from fedcare.privacy.secagg.config import SecAggParams
@@ -65,74 +87,16 @@ from fedcare.strategies.kernels import add_gaussian_noise, clip_fold
 
 __all__ = [
     "MASKED_TENSOR",
+    "NARROW_RING_STEPS",
     "NodeSecureAggregation",
     "SecureRound",
     "masked_parameters",
     "masked_words",
     "round_settings",
+    "secure_ring_bits",
 ]
 
-#: The one tensor of a masked-input result: the ``uint32`` words, carried bit for bit as float32.
-MASKED_TENSOR = "secagg.masked"
-
 _PHASES = ("share_keys", "masked_input", "consistency_check", "unmask")
-
-
-def masked_parameters(values: np.ndarray) -> Parameters:
-    """Wrap a masked ``uint32`` vector for transport (the bits travel unchanged).
-
-    Examples
-    --------
-    >>> words = np.array([0, 1, 2**32 - 1], dtype=np.uint32)
-    >>> bool((masked_words(masked_parameters(words), length=3) == words).all())
-    True
-    """
-    return Parameters.from_flat(values.view(np.float32), ((MASKED_TENSOR, (values.size,)),))
-
-
-def masked_words(parameters: Parameters, *, length: int) -> np.ndarray:
-    """The ``uint32`` vector inside a masked-input result.
-
-    Raises
-    ------
-    ProtocolError
-        If the result is not one tensor of ``length`` words.
-    """
-    if parameters.spec != ((MASKED_TENSOR, (length,)),):
-        raise ProtocolError(f"a masked input must be one tensor {MASKED_TENSOR}[{length}], got {parameters.spec}")
-    return parameters.flatten().view(np.uint32)
-
-
-def round_settings(
-    config: SecureAggregationConfig, *, num_nodes: int, vector_length: int
-) -> tuple[SecAggParams, float]:
-    """The protocol parameters and quantization scale of a round of ``num_nodes`` nodes.
-
-    The scale is the plan's, or the largest at which the sum of ``num_nodes``
-    weighted, clipped vectors cannot wrap the 32-bit ring.
-
-    Raises
-    ------
-    ConfigError
-        If the threshold or neighbour count is unsafe for ``num_nodes`` or the
-        plan's scale could wrap the ring.
-
-    Examples
-    --------
-    >>> params, scale = round_settings(SecureAggregationConfig(enabled=True), num_nodes=4, vector_length=10)
-    >>> params.threshold, scale > 1e8
-    (3, True)
-    """
-    params = resolve_params(
-        num_nodes=num_nodes, vector_length=vector_length, neighbours=config.neighbours, threshold=config.threshold
-    )
-    if config.scale is not None:
-        scale = config.scale
-    else:
-        scale = float(math.floor(max_scale(clip=config.clip, max_nodes=num_nodes)))
-    check_headroom(clip=config.clip, scale=scale, max_nodes=num_nodes)
-    return params, scale
-
 
 def _session(run_id: str, round_number: int) -> bytes:
     return hashlib.sha256(f"fedcare-secagg\x00{run_id}\x00{round_number}".encode()).digest()
@@ -158,6 +122,10 @@ class SecureRound:
     site_level : SiteLevelPrivacy, optional
         The plan's site-level DP; in distributed mode its clip norm and noise
         multiplier go to the nodes with the round's settings.
+    compression : CompressionConfig, optional
+        The plan's compression, which sets the ring (:func:`secure_ring_bits`);
+        leave it out for a sum that is not a model update (federated
+        normalization statistics), which always uses the 32-bit ring.
     """
 
     config: SecureAggregationConfig
@@ -167,12 +135,21 @@ class SecureRound:
     model_size: int
     num_clipped: int = 0
     site_level: SiteLevelPrivacy = field(default_factory=SiteLevelPrivacy)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     server: SecAggServer = field(init=False)
     context: RoundContext = field(init=False)
 
     def __post_init__(self) -> None:
-        params, scale = round_settings(self.config, num_nodes=len(self.nodes), vector_length=self.model_size + 1)
-        self.context = RoundContext(session=_session(self.run_id, self.round_number), params=params, clip=self.config.clip, scale=scale)
+        params, scale = round_settings(
+            self.config, num_nodes=len(self.nodes), vector_length=self.model_size + 1, compression=self.compression
+        )
+        self.context = RoundContext(
+            session=_session(self.run_id, self.round_number),
+            params=params,
+            clip=self.config.clip,
+            scale=scale,
+            ring_bits=secure_ring_bits(self.compression),
+        )
         self.server = SecAggServer(self.context)
         self._index = {node: i + 1 for i, node in enumerate(self.nodes)}
         self._node = {i: node for node, i in self._index.items()}
@@ -184,6 +161,16 @@ class SecureRound:
     def node(self, index: int) -> str:
         """The node with protocol index ``index``."""
         return self._node[index]
+
+    def masked_words(self, parameters: Parameters) -> np.ndarray:
+        """The ``uint32`` words of a node's masked input, unpacked from the round's ring.
+
+        Raises
+        ------
+        ProtocolError
+            As :func:`masked_words`.
+        """
+        return masked_words(parameters, length=self.context.params.vector_length, ring_bits=self.context.ring_bits)
 
     def train_config(self, node: str) -> dict[str, Any]:
         """The ``secagg`` section of ``node``'s training job."""
@@ -197,6 +184,7 @@ class SecureRound:
             "vector_length": params.vector_length,
             "clip": self.context.clip,
             "scale": self.context.scale,
+            "ring_bits": self.context.ring_bits,
             "max_examples": self.config.max_examples,
             **(
                 {"dp_clip_norm": self.site_level.clip_norm, "dp_noise_multiplier": self.site_level.noise_multiplier}
@@ -217,7 +205,7 @@ class SecureRound:
         ProtocolError
             If the total weight is not positive.
         """
-        summed = dequantize_sum(total, scale=self.context.scale)
+        summed = dequantize_sum(total, scale=self.context.scale, ring_bits=self.context.ring_bits)
         weight = float(summed[-1])
         if not weight > 0:
             raise ProtocolError(f"the secure sum carries a total weight of {weight}; no site contributed")
@@ -257,6 +245,11 @@ class NodeSecureAggregation:
     noise_rng : numpy.random.Generator, optional
         Source of the distributed-DP noise share; ``None`` (deployments) seeds
         a fresh generator from ``os.urandom`` for every round.
+    ring_bits : {32, 16}, optional
+        The ring the approved plan sums model updates in
+        (:func:`secure_ring_bits` of its compression). The node then refuses
+        a training round announced in another ring, and a statistics round in
+        any but the 32-bit ring; without it the node takes the announced ring.
     """
 
     def __init__(
@@ -265,9 +258,11 @@ class NodeSecureAggregation:
         min_participants: int = 1,
         site_level: SiteLevelPrivacy | None = None,
         noise_rng: np.random.Generator | None = None,
+        ring_bits: int | None = None,
     ) -> None:
         self.min_participants = min_participants
         self.site_level = site_level
+        self.ring_bits = ring_bits
         self._noise_rng = noise_rng
         self._sessions: dict[tuple[str, int], _Session] = {}
 
@@ -331,12 +326,42 @@ class NodeSecureAggregation:
                 field="secagg.dp_clip_norm",
             )
 
+    def check_ring(self, context: RoundContext, *, statistics: bool = False) -> None:
+        """Refuse a round whose ring is not the one the approved plan sums in.
+
+        Raises
+        ------
+        ProtocolError
+            Naming ``secagg.ring_bits``, if the plan is known and the round's
+            ring differs from its ring (or, for statistics, from 32 bits).
+
+        Examples
+        --------
+        >>> context = RoundContext(session=bytes(32), params=resolve_params(num_nodes=4, vector_length=3),
+        ...                        clip=1.0, scale=4.0)
+        >>> NodeSecureAggregation(ring_bits=16).check_ring(context)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fedcare.errors.ProtocolError: secagg.ring_bits: the round sums in the 32-bit ring, but the approved plan ...
+        """
+        if self.ring_bits is None:
+            return
+        expected = 32 if statistics else self.ring_bits
+        if context.ring_bits != expected:
+            what = "statistics" if statistics else "model updates"
+            raise ProtocolError(
+                f"the round sums in the {context.ring_bits}-bit ring, but the approved plan sums {what} in the "
+                f"{expected}-bit ring (set by its compression.method)",
+                field="secagg.ring_bits",
+            )
+
     @staticmethod
     def context_from(config: Mapping[str, Any], *, run_id: str, round_number: int) -> tuple[RoundContext, int, int]:
         """Check a training job's ``secagg`` section; return (context, own index, max_examples).
 
         The node does not take the coordinator's word: it checks the session is
-        this run's and round's, and that the threshold and scale are safe.
+        this run's and round's, and that the threshold and scale are safe in
+        the announced ring (``ring_bits``, 32 when absent).
 
         Raises
         ------
@@ -355,6 +380,9 @@ class NodeSecureAggregation:
             )
             index, clip, scale = int(config["index"]), float(config["clip"]), float(config["scale"])
             max_examples = int(config["max_examples"])
+            ring_bits = config.get("ring_bits", 32)
+            if isinstance(ring_bits, bool) or not isinstance(ring_bits, int):
+                raise TypeError(f"ring_bits must be an integer, got {type(ring_bits).__name__}")
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"the job's secure aggregation settings are malformed ({exc})", field="secagg") from None
         if session != _session(run_id, round_number):
@@ -362,9 +390,10 @@ class NodeSecureAggregation:
         if not 1 <= index <= params.num_nodes or max_examples < 1:
             raise ProtocolError("the secure aggregation index or max_examples is out of range", field="secagg")
         validate_params(params)
-        check_headroom(clip=clip, scale=scale, max_nodes=params.num_nodes)
+        check_headroom(clip=clip, scale=scale, max_nodes=params.num_nodes, ring_bits=ring_bits)
         NodeSecureAggregation.dp_settings(config)
-        return RoundContext(session=session, params=params, clip=clip, scale=scale), index, max_examples
+        context = RoundContext(session=session, params=params, clip=clip, scale=scale, ring_bits=ring_bits)
+        return context, index, max_examples
 
     def start(
         self,
@@ -387,7 +416,8 @@ class NodeSecureAggregation:
         ------
         ProtocolError, ConfigError
             As :meth:`context_from`, or if the update's length is not the
-            announced one, or the DP settings fall short of the approved plan's.
+            announced one, the ring is not the approved plan's
+            (:meth:`check_ring`), or the DP settings fall short of the approved plan's.
             With ``statistics=True`` (a normalization-statistics vector, not a
             model update) distributed-DP settings are neither required nor applied.
         PolicyViolation
@@ -396,6 +426,7 @@ class NodeSecureAggregation:
         from fedcare.federation.policy import NodePolicy
 
         context, index, max_examples = self.context_from(config, run_id=run_id, round_number=round_number)
+        self.check_ring(context, statistics=statistics)
         NodePolicy(min_participants=self.min_participants).check_participants(
             context.params.num_nodes, stage="announced"
         )
@@ -431,8 +462,13 @@ class NodeSecureAggregation:
         self._sessions = {(run_id, round_number): _Session(index=index, client=client, values=values, num_clipped=num_clipped)}
         return client.advertise_keys()
 
-    def step(self, *, config: Mapping[str, Any], run_id: str, round_number: int) -> tuple[dict[str, Any], Any, int]:
-        """Run one later phase; return (data for the result, masked vector or None, coordinates clipped).
+    def step(
+        self, *, config: Mapping[str, Any], run_id: str, round_number: int
+    ) -> tuple[dict[str, Any], Parameters | None, int]:
+        """Run one later phase; return (data for the result, masked input or None, coordinates clipped).
+
+        The masked input comes packed for transport (:func:`masked_parameters`
+        in the round's ring: half the bytes in the 16-bit ring).
 
         Raises
         ------
@@ -463,7 +499,8 @@ class NodeSecureAggregation:
                 policy.check_participants(len(senders), stage="shared keys with this site")
                 masked = session.client.masked_input(session.values, ciphertexts)
                 session.values = np.empty(0)
-                return {}, masked.values, session.num_clipped + masked.num_clipped
+                packed = masked_parameters(masked.values, ring_bits=session.client.context.ring_bits)
+                return {}, packed, session.num_clipped + masked.num_clipped
             survivors = [int(i) for i in config["survivors"]]
             policy.check_participants(len(survivors), stage="sent masked updates")
             if phase == "consistency_check":

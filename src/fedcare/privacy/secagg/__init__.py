@@ -24,6 +24,7 @@ from fedcare.privacy.secagg.protocol import (
     run_round,
 )
 from fedcare.privacy.secagg.quantize import (
+    RING_BITS,
     Quantized,
     check_headroom,
     dequantize_sum,
@@ -35,6 +36,7 @@ from fedcare.privacy.secagg.shamir import Share, reconstruct, split
 
 __all__ = [
     "PHASES",
+    "RING_BITS",
     "MaskedInput",
     "Quantized",
     "RoundContext",

@@ -248,6 +248,9 @@ class SecAggClient:
             )
             (add if self.index < j else subtract).append(key)
         apply_masks(quantized.values, add=add, subtract=subtract)
+        if context.ring_bits < 32:
+            # Keep the ring's bits only: the low bits of a uniform mask are uniform, so they still hide the input.
+            np.bitwise_and(quantized.values, np.uint32(context.ring_mask), out=quantized.values)
         self._held.update(opened)
         self._senders = frozenset(opened) | {self.index}
         # The masks are applied: the seed and the X25519 private keys are no longer needed.

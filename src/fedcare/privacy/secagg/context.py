@@ -12,7 +12,7 @@ import numpy as np
 from fedcare.errors import ConfigError, ProtocolError
 from fedcare.privacy.secagg.config import SecAggParams, resolve_params, validate_params
 from fedcare.privacy.secagg.graph import neighbour_graph
-from fedcare.privacy.secagg.quantize import check_headroom
+from fedcare.privacy.secagg.quantize import RING_BITS, check_headroom
 
 __all__ = ["MaskedInput", "RoundContext"]
 
@@ -46,13 +46,20 @@ class RoundContext:
         Coordinates are clipped to ``[-clip, clip]`` before quantizing.
     scale : float
         Quantization steps per unit; checked so that the sum of ``num_nodes``
-        inputs cannot wrap.
+        inputs cannot wrap the ring.
+    ring_bits : {32, 16}
+        The ring of the sum: Z_2^32, or Z_2^16, where only the low 16 bits of
+        each masked word count (and travel). Masks are the same ``uint32``
+        keystreams either way, reduced modulo ``2**16``: their low 16 bits are
+        uniform too, and they cancel, and are removed after dropouts, modulo
+        ``2**16`` because they do modulo ``2**32``.
 
     Raises
     ------
     ConfigError
         Naming the field, if the session is too short or long, the parameters
-        are invalid, or ``clip * scale`` leaves no headroom.
+        are invalid, the ring is neither 16 nor 32 bits, or ``clip * scale``
+        leaves no headroom in it.
 
     Examples
     --------
@@ -66,12 +73,20 @@ class RoundContext:
     params: SecAggParams
     clip: float
     scale: float
+    ring_bits: int = 32
 
     def __post_init__(self) -> None:
         if not isinstance(self.session, bytes) or not 16 <= len(self.session) <= 256:
             raise ConfigError("must be 16 to 256 bytes unique to the run and round", field="secagg.session")
         validate_params(self.params)
-        check_headroom(clip=self.clip, scale=self.scale, max_nodes=self.params.num_nodes)
+        if isinstance(self.ring_bits, bool) or self.ring_bits not in RING_BITS:
+            raise ConfigError(f"must be one of {RING_BITS}, got {self.ring_bits!r}", field="secagg.ring_bits")
+        check_headroom(clip=self.clip, scale=self.scale, max_nodes=self.params.num_nodes, ring_bits=self.ring_bits)
+
+    @property
+    def ring_mask(self) -> int:
+        """``2**ring_bits - 1``: the bits of a word that count in this ring."""
+        return (1 << self.ring_bits) - 1
 
     @cached_property
     def _graph(self) -> dict[int, frozenset[int]]:
@@ -98,7 +113,8 @@ class MaskedInput:
     Attributes
     ----------
     values : numpy.ndarray
-        ``uint32``, length ``vector_length``: the quantized vector plus masks, modulo ``2**32``.
+        ``uint32``, length ``vector_length``: the quantized vector plus masks,
+        modulo ``2**ring_bits`` of the round (in a 16-bit ring every word is below ``2**16``).
     num_clipped : int
         Coordinates that were outside ``[-clip, clip]``; a count, safe to report.
     """

@@ -35,6 +35,14 @@ Examples
 >>> total, server = run_round(context, inputs, drop_after={"share_keys": [4]})
 >>> dequantize_sum(total, scale=4.0).tolist(), server.phase_sizes()
 ([1.5, 1.5, 1.5], {'u1': 4, 'u2': 4, 'u3': 3, 'u4': 3, 'u5': 3})
+
+In the 16-bit ring (``ring_bits=16``) every masked word, and the total, is below ``2**16``:
+
+>>> narrow = RoundContext(session=bytes(32), params=resolve_params(num_nodes=4, vector_length=3), clip=1.0,
+...                       scale=4.0, ring_bits=16)
+>>> total, _ = run_round(narrow, inputs, drop_after={"share_keys": [4]})
+>>> int(total.max()) < 2**16, dequantize_sum(total, scale=4.0, ring_bits=16).tolist()
+(True, [1.5, 1.5, 1.5])
 """
 
 from __future__ import annotations

@@ -188,11 +188,15 @@ class SecAggServer:
     def add_masked_input(self, index: int, values: np.ndarray) -> None:
         """Fold one node's masked input into the running sum, modulo ``2**32``, in place.
 
+        In a 16-bit ring the words are below ``2**16``; the sum is still kept
+        modulo ``2**32``, whose low 16 bits are the sum modulo ``2**16``.
+
         Raises
         ------
         ProtocolError
             If the node is not in U2, already sent its input, or ``values`` is
-            not a ``uint32`` vector of length ``vector_length``; nothing is added.
+            not a ``uint32`` vector of length ``vector_length`` (with every word
+            below ``2**16`` in a 16-bit ring); nothing is added.
         """
         if self._step >= Step.INPUTS and not self._aborted:
             raise ProtocolError(
@@ -208,6 +212,13 @@ class SecAggServer:
             got = f"{values.dtype} {values.shape}" if isinstance(values, np.ndarray) else type(values).__name__
             raise ProtocolError(
                 f"must be a uint32 vector of length {params.vector_length}, got {got}",
+                node_id=str(index),
+                field="values",
+            )
+        if self.context.ring_bits < 32 and values.size and int(values.max()) > self.context.ring_mask:
+            raise ProtocolError(
+                f"must be words of the {self.context.ring_bits}-bit ring (below 2**{self.context.ring_bits}), "
+                f"got one of {int(values.max())}",
                 node_id=str(index),
                 field="values",
             )
@@ -264,8 +275,9 @@ class SecAggServer:
         Returns
         -------
         numpy.ndarray
-            ``uint32``: the sum of U3's quantized inputs modulo ``2**32``; read it
-            with :func:`~fedcare.privacy.secagg.quantize.dequantize_sum`.
+            ``uint32``: the sum of U3's quantized inputs modulo ``2**ring_bits``;
+            read it with :func:`~fedcare.privacy.secagg.quantize.dequantize_sum`
+            (passing the round's ``ring_bits``).
 
         Raises
         ------
@@ -320,6 +332,8 @@ class SecAggServer:
         total, self._sum = self._sum, None
         assert total is not None
         apply_masks(total, add=add, subtract=subtract)
+        if context.ring_bits < 32:
+            np.bitwise_and(total, np.uint32(context.ring_mask), out=total)
         self._step = Step.DONE
         return total
 
