@@ -122,7 +122,8 @@ def test_int8_codes_are_deflated_when_that_makes_them_shorter() -> None:
     values = (0.01 * np.random.default_rng(0).standard_t(3, SIZE)).astype(np.float32)
     packed = compress(values, SPEC, method="int8", rng=np.random.default_rng(0))
     assert packed.nbytes < 0.9 * compressed_bytes(SPEC, method="int8")
-    np.testing.assert_allclose(decompress(packed, SPEC, method="int8").flatten(), values, atol=np.abs(values).max() / 127)
+    decoded = decompress(packed, SPEC, method="int8").flatten()
+    np.testing.assert_allclose(decoded, values, atol=np.abs(values).max() / 127)
 
 
 def test_topk_positions_are_deflated_as_gaps() -> None:

@@ -420,7 +420,7 @@ def _topk_encode(values: np.ndarray, spec: ParameterSpec, fraction: float) -> by
     positions = np.sort(np.argpartition(np.abs(sparse), m - k)[m - k :]) if k < m else np.arange(m)
     gaps = np.diff(positions, prepend=0)  # the first position, then the distance from the one before
     index_dtype = np.dtype(_index_dtype(m)).newbyteorder("<")
-    head = values[dense].astype("<f4").tobytes() + sparse[positions].astype("<f4").tobytes()
+    head: bytes = values[dense].astype("<f4").tobytes() + sparse[positions].astype("<f4").tobytes()
     return head + _pack_section(gaps.astype(index_dtype).tobytes())
 
 
