@@ -45,6 +45,7 @@ bench: install
 	$(PY) benchmarks/imaging.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/load.py
+	$(PY) benchmarks/bandwidth.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=("heart", "pneumonia"), default=["heart", "pneumonia"])
     parser.add_argument("--heart-rounds", type=int, default=30)
-    parser.add_argument("--pneumonia-rounds", type=int, default=10)
+    parser.add_argument("--pneumonia-rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     payload = run(datasets=args.datasets, heart_rounds=args.heart_rounds, pneumonia_rounds=args.pneumonia_rounds)

@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import zlib
+
 import numpy as np
 import pytest
 
-from fedcare.compression import COMPRESSED_TENSOR, ErrorFeedback, compress, compressed_bytes, decompress
+from fedcare.compression import (
+    COMPRESSED_TENSOR,
+    ErrorFeedback,
+    compress,
+    compressed_bytes,
+    decompress,
+    topk_dense,
+)
 from fedcare.errors import ProtocolError
 from fedcare.params import Parameters
 from fedcare.plan import parse_plan
@@ -84,21 +93,46 @@ def test_int8_draws_repeat_with_the_same_seed() -> None:
     assert first.tobytes() == second.tobytes()
 
 
-def test_topk_sends_exactly_the_largest_coordinates_of_the_whole_update() -> None:
+def test_topk_sends_small_tensors_dense_and_the_largest_coordinates_of_the_rest() -> None:
     values = update()
     decoded = decompress(compress(values, SPEC, method="topk", topk_fraction=0.01), SPEC, method="topk").flatten()
-    k = 11  # ceil(0.01 * 1028)
-    largest = np.argsort(np.abs(values))[-k:]
-    assert set(np.flatnonzero(decoded)) == set(largest) - {SIZE - 1}  # the exact 0.0 is "sent" as a zero
+    # k = ceil(0.01 * 1028) = 11: "scale" (3 values) is at most k, so dense; 11 of the other 1025 are sent.
+    np.testing.assert_array_equal(decoded[-3:], values[-3:])
+    largest = np.argsort(np.abs(values[:-3]))[-11:]
+    assert set(np.flatnonzero(decoded[:-3])) == set(largest)
     np.testing.assert_array_equal(decoded[largest], values[largest])
 
 
-def test_payload_sizes_are_a_half_a_quarter_plus_scales_and_six_bytes_per_topk_coordinate() -> None:
+def test_topk_dense_tensors_are_those_no_larger_than_the_whole_updates_budget() -> None:
+    assert topk_dense(SPEC, fraction=0.01) == (False, False, True)  # k = 11
+    assert topk_dense(SPEC, fraction=0.05) == (False, True, True)  # k = 52: the 25 biases too
+
+
+def test_payload_sizes_are_at_most_a_half_a_quarter_plus_scales_and_six_bytes_per_topk_coordinate() -> None:
     assert compress(update(), SPEC, method="float16").nbytes == 2 * SIZE
-    assert compress(update(), SPEC, method="int8", rng=np.random.default_rng(0)).nbytes == 4 * 3 + SIZE
-    assert compressed_bytes(SPEC, method="topk", topk_fraction=0.01) == 11 * (2 + 4)  # uint16 positions
+    assert compressed_bytes(SPEC, method="int8") == 4 * 3 + 4 + SIZE  # scales, the section's length, codes
+    # The 3 dense values, 11 values of the rest, the section's length, 11 uint16 gaps.
+    assert compressed_bytes(SPEC, method="topk", topk_fraction=0.01) == 4 * 3 + 11 * 4 + 4 + 11 * 2
     big = (("w", (70_000,)),)
-    assert compressed_bytes(big, method="topk", topk_fraction=0.01) == 700 * (4 + 4)  # uint32 beyond 65,536
+    assert compressed_bytes(big, method="topk", topk_fraction=0.01) == 700 * 4 + 4 + 700 * 4  # uint32 beyond 65,536
+
+
+def test_int8_codes_are_deflated_when_that_makes_them_shorter() -> None:
+    # Heavy-tailed, as updates are: a few large values set the scale, most codes are near 0.
+    values = (0.01 * np.random.default_rng(0).standard_t(3, SIZE)).astype(np.float32)
+    packed = compress(values, SPEC, method="int8", rng=np.random.default_rng(0))
+    assert packed.nbytes < 0.9 * compressed_bytes(SPEC, method="int8")
+    decoded = decompress(packed, SPEC, method="int8").flatten()
+    np.testing.assert_allclose(decoded, values, atol=np.abs(values).max() / 127)
+
+
+def test_topk_positions_are_deflated_as_gaps() -> None:
+    spec = (("w", (100_000,)),)
+    values = np.random.default_rng(0).normal(0.0, 1.0, 100_000).astype(np.float32)
+    packed = compress(values, spec, method="topk", topk_fraction=0.01)
+    assert packed.nbytes < 0.85 * compressed_bytes(spec, method="topk", topk_fraction=0.01)
+    decoded = decompress(packed, spec, method="topk", topk_fraction=0.01).flatten()
+    assert np.count_nonzero(decoded) == 1000
 
 
 def test_float16_refuses_values_beyond_its_range_and_names_bfloat16() -> None:
@@ -134,6 +168,13 @@ def test_error_feedback_makes_the_sum_sent_converge_to_the_sum_of_true_updates()
     assert gap < 0.2 and gap_without > 0.5  # without feedback most of the small, steady drift is never sent
 
 
+def test_error_feedback_keeps_no_residual_for_dense_tensors() -> None:
+    feedback = ErrorFeedback()
+    feedback.compress(update(), SPEC, run_id="r", method="topk", topk_fraction=0.01)
+    assert feedback.residual is not None
+    assert not feedback.residual[-3:].any() and feedback.residual[:-3].any()
+
+
 def test_error_feedback_residual_survives_a_restart_of_the_same_run_only(tmp_path: Path) -> None:
     path = tmp_path / "compression-residual.safetensors"
     first = ErrorFeedback(path)
@@ -154,11 +195,46 @@ def test_error_feedback_residual_survives_a_restart_of_the_same_run_only(tmp_pat
 # ---------------------------------------------------------------- malformed payloads
 
 
-def test_decode_refuses_a_payload_of_the_wrong_length() -> None:
+def int8_payload(codes_section: bytes, *, stored: int | None = None, scales: Any = (0.01, 0.01, 1.0)) -> Parameters:
+    """An int8 payload for ``SPEC``: scales, then a packed section of ``stored`` bytes (its length if not given)."""
+    length = np.array([len(codes_section) if stored is None else stored], dtype="<u4")
+    raw = np.asarray(scales, dtype="<f4").tobytes() + length.tobytes() + codes_section
+    return payload(np.frombuffer(raw, dtype=np.uint8))
+
+
+def topk_payload(gaps: np.ndarray) -> Parameters:
+    """A topk 1 % payload for ``SPEC``: 3 dense values, 11 values, 11 uint16 gaps stored raw."""
+    head = np.ones(3 + 11, dtype="<f4").tobytes()
+    section = gaps.astype("<u2").tobytes()
+    return payload(np.frombuffer(head + np.array([len(section)], "<u4").tobytes() + section, dtype=np.uint8))
+
+
+def test_decode_refuses_a_payload_longer_than_its_layouts_most() -> None:
+    words = -(-compressed_bytes(SPEC, method="int8") // 4)
+    long = Parameters.from_flat(np.zeros(words + 1, np.float32), ((COMPRESSED_TENSOR, (words + 1,)),))
+    with pytest.raises(ProtocolError, match=rf"one tensor {COMPRESSED_TENSOR} of at most {words} words, got"):
+        decompress(long, SPEC, method="int8")
+
+
+def test_decode_refuses_a_payload_shorter_than_its_section_says() -> None:
     packed = compress(update(), SPEC, method="int8", rng=np.random.default_rng(0))
     short = Parameters.from_flat(packed.flatten()[:-1].copy(), ((COMPRESSED_TENSOR, (packed.num_elements - 1,)),))
-    with pytest.raises(ProtocolError, match=rf"one tensor {COMPRESSED_TENSOR}\[260\], got {COMPRESSED_TENSOR}\[259\]"):
+    with pytest.raises(ProtocolError, match="int8 codes section says it is .* bytes long"):
         decompress(short, SPEC, method="int8")
+
+
+def test_decode_refuses_a_section_longer_than_its_raw_length() -> None:
+    packed = int8_payload(np.zeros(SIZE, np.int8).tobytes(), stored=SIZE + 1)
+    with pytest.raises(ProtocolError, match="section says it is 1029 bytes long; it is at most 1028"):
+        decompress(packed, SPEC, method="int8")
+
+
+def test_decode_refuses_a_payload_longer_than_its_section_says() -> None:
+    section = zlib.compress(np.zeros(SIZE, np.int8).tobytes())
+    packed = int8_payload(section + b"\0" * 8, stored=len(section))  # two more words of zeros
+    end = 4 * 3 + 4 + len(section)
+    with pytest.raises(ProtocolError, match=rf"layout takes {end} bytes \({-(-end // 4)} words\), got"):
+        decompress(packed, SPEC, method="int8")
 
 
 def test_decode_refuses_an_uncompressed_update_by_its_tensor_names() -> None:
@@ -167,25 +243,53 @@ def test_decode_refuses_an_uncompressed_update_by_its_tensor_names() -> None:
         decompress(plain, SPEC, method="float16")
 
 
+def test_decode_refuses_a_truncated_deflate_stream() -> None:
+    stream = zlib.compress(np.zeros(SIZE, np.int8).tobytes())
+    with pytest.raises(ProtocolError, match="zlib stream is truncated after"):
+        decompress(int8_payload(stream[:-4]), SPEC, method="int8")  # the checksum cut off
+
+
+def test_decode_refuses_a_deflate_stream_inflating_past_its_length_without_inflating_it_all() -> None:
+    bomb = zlib.compress(bytes(10_000_000), 9)  # 10 MB of zeros in about 10 kB: longer than the payload may be
+    with pytest.raises(ProtocolError, match="of at most 261 words"):
+        decompress(int8_payload(bomb), SPEC, method="int8")
+    small_bomb = zlib.compress(bytes(100_000), 9)  # 100 kB in about 100 bytes
+    with pytest.raises(ProtocolError, match="inflates to more than its 1028 bytes"):
+        decompress(int8_payload(small_bomb), SPEC, method="int8")
+
+
+def test_decode_refuses_a_deflate_stream_inflating_short_of_its_length() -> None:
+    with pytest.raises(ProtocolError, match="inflates to 1000 bytes, not its 1028"):
+        decompress(int8_payload(zlib.compress(bytes(1000))), SPEC, method="int8")
+
+
+def test_decode_refuses_bytes_after_the_deflate_stream() -> None:
+    stream = zlib.compress(np.zeros(SIZE, np.int8).tobytes()) + b"tail"
+    with pytest.raises(ProtocolError, match="4 bytes after its zlib stream"):
+        decompress(int8_payload(stream), SPEC, method="int8")
+
+
+def test_decode_refuses_a_section_that_is_not_a_zlib_stream() -> None:
+    with pytest.raises(ProtocolError, match="not a valid zlib stream"):
+        decompress(int8_payload(b"\xff" * 100), SPEC, method="int8")
+
+
 def test_decode_refuses_topk_positions_out_of_range() -> None:
-    positions = np.arange(11, dtype="<u2")
-    positions[-1] = SIZE  # one past the end
-    bad = payload(np.frombuffer(positions.tobytes() + np.ones(11, "<f4").tobytes(), dtype=np.uint8))
-    with pytest.raises(ProtocolError, match="below 1028 .*1 are out of range"):
-        decompress(bad, SPEC, method="topk", topk_fraction=0.01)
+    gaps = np.ones(11, dtype=np.int64)
+    gaps[-1] = 1025 - 10 + 1  # the last position one past the sparse part's 1025 values
+    with pytest.raises(ProtocolError, match="below 1025 .*1 are out of range"):
+        decompress(topk_payload(gaps), SPEC, method="topk", topk_fraction=0.01)
 
 
 def test_decode_refuses_repeated_topk_positions() -> None:
-    positions = np.arange(11, dtype="<u2")
-    positions[5] = positions[4]
-    bad = payload(np.frombuffer(positions.tobytes() + np.ones(11, "<f4").tobytes(), dtype=np.uint8))
-    with pytest.raises(ProtocolError, match="repeat or are out of order"):
-        decompress(bad, SPEC, method="topk", topk_fraction=0.01)
+    gaps = np.ones(11, dtype=np.int64)
+    gaps[5] = 0
+    with pytest.raises(ProtocolError, match="or they repeat"):
+        decompress(topk_payload(gaps), SPEC, method="topk", topk_fraction=0.01)
 
 
 def test_decode_refuses_a_nan_int8_scale() -> None:
-    scales = np.array([0.01, np.nan, 1.0], dtype="<f4")
-    bad = payload(np.frombuffer(scales.tobytes() + np.zeros(SIZE, np.int8).tobytes(), dtype=np.uint8))
+    bad = int8_payload(np.zeros(SIZE, np.int8).tobytes(), scales=(0.01, np.nan, 1.0))
     with pytest.raises(ProtocolError, match=r"scales must be finite and >= 0, got \[nan\]"):
         decompress(bad, SPEC, method="int8")
 
@@ -249,9 +353,10 @@ def test_heart_disease_with_int8_or_topk_is_as_accurate_as_uncompressed(heart_ru
 def test_round_events_report_each_sites_compression_ratio_and_smaller_uploads(heart_runs: dict[str, Any]) -> None:
     plain_ends = [e for e in heart_runs["none"][1] if e["event"] == "round_end"]
     assert all("compression" not in e for e in plain_ends)
-    # 14 weights in 2 tensors, 56 bytes as float32; int8: 2 scales + 14 codes = 22 bytes, padded to 24;
-    # topk 1 %: one coordinate, a uint16 position and a float32 value, padded to 8.
-    for method, ratio in (("int8", 56 / 24), ("topk", 56 / 8)):
+    # 14 weights in 2 tensors, 56 bytes as float32; int8: 2 scales, the section's length and 14 codes (too
+    # few for deflate to shorten) = 26 bytes, padded to 28; topk 1 %: k = 1, so the one-value bias is dense,
+    # then one coordinate of the 13 weights: 2 float32 values, the section's length, a uint16 gap, padded to 16.
+    for method, ratio in (("int8", 56 / 28), ("topk", 56 / 16)):
         ends = [e for e in heart_runs[method][1] if e["event"] == "round_end"]
         for plain, event in zip(plain_ends, ends, strict=True):
             assert event["compression"]["method"] == method

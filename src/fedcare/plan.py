@@ -282,10 +282,12 @@ class CompressionConfig(_Section):
     ----------
     method : {"none", "float16", "bfloat16", "int8", "topk"}
         ``float16``/``bfloat16``: cast to 16 bits (2x smaller). ``int8``:
-        8-bit stochastic quantization with one scale per tensor (about 4x,
-        unbiased). ``topk``: only the ``topk_fraction`` largest coordinates
-        (by magnitude) with their positions; what is left out is kept at the
-        site and added to its next update (error feedback).
+        8-bit stochastic quantization with one scale per tensor, the codes
+        deflated (4x or more, unbiased). ``topk``: tensors of at most
+        ``topk_fraction`` of the model's values (biases, normalization) whole,
+        and of the others only the ``topk_fraction`` largest coordinates (by
+        magnitude) with their positions; what is left out is kept at the site
+        and added to its next update (error feedback).
     topk_fraction : float
         ``topk``: the share of coordinates sent, in (0, 1] (default 0.01: 1 %).
     error_feedback : bool

@@ -5,9 +5,10 @@ Everything is real and on 127.0.0.1: a coordinator (``Coordinator`` over
 sites (``Node`` over ``GrpcNodeChannel``) in threads. Only the first site dials
 through a :class:`FaultProxy`: 125,000 bytes/s each way, 50-150 ms of delay
 per chunk, and every connection cut once while it trains its first round. The
-others dial the coordinator directly. The same plan runs uncompressed, with
-int8 and with top-k 1 %; the throttled site's upload bytes per round come from
-the coordinator's events (those ``metrics.jsonl`` holds).
+others dial the coordinator directly. The same plan runs with int8 and with
+top-k 1 %; the throttled site's upload bytes per round come from the
+coordinator's events (those ``metrics.jsonl`` holds) and are compared with the
+update's float32 size (an uncompressed run would only add its metrics to it).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SLOW_SITE = SITES[0]
 LINK_BYTES_PER_S = 125_000
 #: 13 * 256 + 256 + 256 + 1 = 3,841 float32 values: 15 kB uncompressed.
 HIDDEN_UNITS = 256
+FLOAT32_UPDATE_BYTES = 4 * (13 * HIDDEN_UNITS + HIDDEN_UNITS + HIDDEN_UNITS + 1)
 ROUNDS = 2
 
 
@@ -151,7 +153,7 @@ def upload_per_round(events: list[dict[str, Any]], site: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def runs(certs: Path) -> dict[str, tuple[Any, list[dict[str, Any]], int]]:
-    return {method: run_throttled(certs, method) for method in ("none", "int8", "topk")}
+    return {method: run_throttled(certs, method) for method in ("int8", "topk")}
 
 
 def test_runs_over_a_1_mbit_link_with_delays_and_a_dropped_connection_complete(runs: dict[str, Any]) -> None:
@@ -163,16 +165,13 @@ def test_runs_over_a_1_mbit_link_with_delays_and_a_dropped_connection_complete(r
         assert result.final_evaluation is not None and set(result.final_evaluation.sites) == set(SITES), method
 
 
-def test_int8_shrinks_the_throttled_sites_upload_at_least_3_5_times(runs: dict[str, Any]) -> None:
-    plain = upload_per_round(runs["none"][1], SLOW_SITE)
+def test_int8_shrinks_the_throttled_sites_upload_at_least_4_times(runs: dict[str, Any]) -> None:
     int8 = upload_per_round(runs["int8"][1], SLOW_SITE)
-    assert min(plain) > 4 * 3841  # the float32 update is in it
-    assert all(p / c >= 3.5 for p, c in zip(plain, int8, strict=True)), (plain, int8)
+    assert all(FLOAT32_UPDATE_BYTES / c >= 4 for c in int8), int8  # metrics included; deflate pays for them
     ratios = [e["compression"]["ratio"][SLOW_SITE] for e in runs["int8"][1] if e["event"] == "round_end"]
-    assert all(3.9 <= r <= 4.0 for r in ratios), ratios
+    assert all(r >= 4.0 for r in ratios), ratios
 
 
-def test_topk_one_percent_shrinks_the_throttled_sites_upload_at_least_15_times(runs: dict[str, Any]) -> None:
-    plain = upload_per_round(runs["none"][1], SLOW_SITE)
+def test_topk_one_percent_shrinks_the_throttled_sites_upload_at_least_20_times(runs: dict[str, Any]) -> None:
     topk = upload_per_round(runs["topk"][1], SLOW_SITE)
-    assert all(p / c >= 15 for p, c in zip(plain, topk, strict=True)), (plain, topk)
+    assert all(FLOAT32_UPDATE_BYTES / c >= 20 for c in topk), topk
