@@ -8,7 +8,7 @@ model has 2,000,000 float32 values (8 MB), so a coordinator that held one
 update per node would grow by 200 x 8 MB = 1.6 GB; one that holds
 O(model x upload slots) grows by far less.
 
-The heartbeat interval is 3 s (a node is taken for gone after 10 s of
+The heartbeat interval is 6 s (a node is taken for gone after 19 s of
 silence): 50 nodes share each process's interpreter lock and the machine may
 have only 2 cores, so a node's heartbeat thread can wait seconds for its turn.
 """
@@ -43,7 +43,7 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> LoadRun:
         rounds=ROUNDS,
         processes=PROCESSES,
         max_concurrent_uploads=UPLOAD_SLOTS,
-        heartbeat_interval_s=3.0,
+        heartbeat_interval_s=6.0,
         chunk_bytes=CHUNK_BYTES,
         log_dir=workdir,
     )
