@@ -198,7 +198,9 @@ class _BufferedLoop:
                 continue
             self._take(raw)
             if len(self.buffer.examples) >= self.settings.buffer_size:
-                self._aggregate()
+                self._aggregate()  # before the site that answered gets its next job: it trains on the newest model
+            else:
+                self._dispatch()
         # The last evaluation completes; training answers that come meanwhile are not used.
         while self.evaluating:
             raw = self._next_answer()
@@ -233,7 +235,6 @@ class _BufferedLoop:
         if job is not None:
             if answer is not None and self.version < self.plan.rounds:
                 self._accumulate(answer, job)
-            self._dispatch()
         elif evaluated is not None:
             evaluation = self.evaluations[evaluated]
             evaluation.waiting.discard(raw.job_id)
