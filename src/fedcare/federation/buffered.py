@@ -30,7 +30,8 @@ Staleness. An update trained on version ``v`` that arrives when version
 model as computed (FedBuff's rule), whatever model it started from.
 
 Deadlines. With ``plan.round_timeout_s``, a wait of that long with no answer
-at all declares every outstanding job late (``node_late``, as synchronous
+at all (counted from the last answer or the last new global model) declares
+every outstanding job late (``node_late``, as synchronous
 rounds do); the buffer is then aggregated if it holds at least
 ``plan.min_nodes`` updates, otherwise the run stops with
 :class:`~fedcare.errors.FederationError` and the last checkpoint intact. The
@@ -285,6 +286,7 @@ class _BufferedLoop:
         """Start filling the buffer of round ``version + 1`` and send jobs on the current model."""
         self.c.strategy.begin_round(self.version + 1, self.result.parameters)
         self.buffer = _Buffer(started=time.perf_counter())
+        self.last_answer = time.monotonic()  # the deadline counts from the new model, or any answer after it
         sent = self._dispatch(announce=False)
         self.c._emit({"event": "round_start", "round": self.version + 1, "nodes": sent, "buffered": True})
 
@@ -347,6 +349,7 @@ class _BufferedLoop:
             if evaluated is not None:
                 self.evaluations[evaluated].waiting.discard(job_id)
         self.pending.clear()
+        self.last_answer = time.monotonic()  # the jobs sent next get a whole deadline
         self._finish_evaluations()
 
     # -- jobs ------------------------------------------------------------------
