@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -15,11 +16,12 @@ from fedcare.data.catalog import DatasetCatalog
 from fedcare.errors import ConfigError, FederationError
 from fedcare.federation import Coordinator, Node, RunDirectory
 from fedcare.federation.buffered import staleness_weight
+from fedcare.federation.differential_privacy import ledger_file
 from fedcare.messages import JobKind, JobResult
 from fedcare.params import Parameters
 from fedcare.strategies import FedAvg
 from fedcare.plan import Plan, parse_plan
-from fedcare.simulation import initial_parameters, load_sites, simulation_strategy
+from fedcare.simulation import initial_parameters, load_sites, simulate, simulation_strategy
 from fedcare.tasks.base import Split, TrainResult
 from fedcare.tasks.tabular import LogisticTask
 from fedcare.transport.base import NodeChannel
@@ -291,3 +293,22 @@ def test_buffered_run_with_one_site_five_times_slower_takes_at_most_40_percent_o
     staleness = [e["buffered"]["staleness"]["va-long-beach"] for e in events if e["event"] == "round_end" and "va-long-beach" in e["nodes_ok"]]
     assert len(staleness) >= 4 and max(staleness) >= 2
     assert not buffered.failures
+
+
+def test_buffered_run_with_record_level_dp_spends_each_round_once_per_site(tmp_path):
+    data = {
+        **HEART,
+        "rounds": 4,
+        "dataset": {"name": "heart-disease", "normalization": "per-site"},  # no noisy feature statistics: faster
+        "evaluation": {"every_rounds": 4},
+        "strategy": {"name": "fedavg", "buffered": {"buffer_size": 3, "max_staleness": 8}},
+        "privacy": {"record_level": {"enabled": True, "epsilon": 5.0, "delta": 1e-3, "noise_multiplier": 4.0}},
+    }
+    result = simulate(parse_plan(data), ledger_dir=tmp_path / "ledgers")
+    assert result.rounds_completed == 4
+    assert not result.failures  # a ledger refuses a round it has already spent: that would be a failure here
+    for site in ("cleveland", "hungary", "switzerland", "va-long-beach"):
+        ledger = json.loads(ledger_file(tmp_path / "ledgers" / site, "heart-disease").read_text())
+        rounds = [entry["round"] for entry in ledger["entries"]]
+        assert rounds == sorted(set(rounds)) and 1 <= len(rounds) <= 4, (site, rounds)  # each round spent once
+        assert 0 < result.epsilon_spent[site] <= 5.0
