@@ -54,14 +54,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedcare.errors import ConfigError, FederationError, ProtocolError
+from fedcare.federation.coordinator import Coordinator, RunResult, round_seed
 from fedcare.messages import Job, JobKind, JobResult
 from fedcare.params import update_digest
-
-if TYPE_CHECKING:
-    from fedcare.federation.coordinator import Coordinator, RunResult
 
 __all__ = ["run_buffered", "staleness_weight"]
 
@@ -380,8 +378,6 @@ class _BufferedLoop:
         return sent
 
     def _train_job(self, node: str) -> Job:
-        from fedcare.federation.coordinator import round_seed
-
         round_number = self.version + 1
         seed = round_seed(self.plan.seed, round_number, self.nodes.index(node))
         extra = self.c.strategy.configure_train(round_number, [node]).get(node, {})

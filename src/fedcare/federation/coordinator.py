@@ -222,7 +222,8 @@ class Coordinator:
     def run(self, *, resume: bool = False) -> RunResult:
         """Run every round of the plan, then evaluate and save the final model.
 
-        With a run directory, ``report.html`` is written there when the run
+        With ``plan.strategy.buffered``, a round is one buffered asynchronous
+        aggregation (:mod:`fedcare.federation.buffered`). With a run directory, ``report.html`` is written there when the run
         ends, completed or not (see :mod:`fedcare.report`).
 
         Parameters
