@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 import pytest
 
 from fedcare.data.catalog import DatasetCatalog
@@ -19,8 +18,8 @@ from fedcare.federation.buffered import staleness_weight
 from fedcare.federation.differential_privacy import ledger_file
 from fedcare.messages import JobKind, JobResult
 from fedcare.params import Parameters
-from fedcare.strategies import FedAvg
 from fedcare.plan import Plan, parse_plan
+from fedcare.strategies import FedAvg
 from fedcare.simulation import initial_parameters, load_sites, simulate, simulation_strategy
 from fedcare.tasks.base import Split, TrainResult
 from fedcare.tasks.tabular import LogisticTask
@@ -210,7 +209,11 @@ def test_stale_updates_are_weighted_down_and_too_stale_ones_dropped():
 
 def test_no_answer_for_round_timeout_aggregates_what_the_buffer_holds():
     # K = 3 of three sites, one silent: each round's buffer holds two updates (>= min_nodes) when the deadline passes.
-    runners = {"a": ScriptedNode("a", 1.0, None), "b": ScriptedNode("b", 3.0, None), "c": ScriptedNode("c", 0.0, None, silent=True)}
+    runners = {
+        "a": ScriptedNode("a", 1.0, None),
+        "b": ScriptedNode("b", 3.0, None),
+        "c": ScriptedNode("c", 0.0, None, silent=True),
+    }
     result, events = run_scripted(scripted_plan(rounds=2, buffer_size=3, round_timeout_s=0.3), runners)
     assert result.rounds_completed == 2
     assert result.parameters["w"].tolist() == pytest.approx([4.0, 4.0])  # 2 + 2
@@ -219,8 +222,13 @@ def test_no_answer_for_round_timeout_aggregates_what_the_buffer_holds():
 
 
 def test_no_answer_for_round_timeout_with_fewer_than_min_nodes_stops_the_run():
-    runners = {"a": ScriptedNode("a", 1.0, None), "b": ScriptedNode("b", 0.0, None, silent=True), "c": ScriptedNode("c", 0.0, None, silent=True)}
-    with pytest.raises(FederationError, match="round_timeout_s=0.3 s.*holds 1 of buffer_size=3 updates, fewer than min_nodes=2"):
+    runners = {
+        "a": ScriptedNode("a", 1.0, None),
+        "b": ScriptedNode("b", 0.0, None, silent=True),
+        "c": ScriptedNode("c", 0.0, None, silent=True),
+    }
+    expected = "round_timeout_s=0.3 s.*holds 1 of buffer_size=3 updates, fewer than min_nodes=2"
+    with pytest.raises(FederationError, match=expected):
         run_scripted(scripted_plan(rounds=2, buffer_size=3, round_timeout_s=0.3), runners)
 
 
@@ -264,7 +272,11 @@ def test_plan_refuses_buffered_aggregation_it_cannot_run(extra, message):
 def test_plan_takes_buffered_aggregation_with_fedprox_and_record_level_dp():
     data = {**HEART, "strategy": {"name": "fedprox", "buffered": {"buffer_size": 3}}}
     assert parse_plan(data).strategy.buffered.buffer_size == 3
-    dp = {**HEART, "strategy": {"name": "fedavg", "buffered": {"buffer_size": 3}}, "privacy": {"record_level": {"enabled": True, "epsilon": 5.0}}}
+    dp = {
+        **HEART,
+        "strategy": {"name": "fedavg", "buffered": {"buffer_size": 3}},
+        "privacy": {"record_level": {"enabled": True, "epsilon": 5.0}},
+    }
     assert parse_plan(dp).privacy.record_level.enabled
 
 
@@ -287,10 +299,11 @@ def test_buffered_run_with_one_site_five_times_slower_takes_at_most_40_percent_o
     synchronous, _ = run_heart(parse_plan(HEART), **slow)
     assert buffered.rounds_completed == synchronous.rounds_completed == 30
     assert buffered.wall_s <= 0.4 * synchronous.wall_s, (buffered.wall_s, synchronous.wall_s)
-    accuracy = {name: run.final_evaluation.mean["accuracy"] for name, run in (("sync", synchronous), ("buffered", buffered))}
+    accuracy = {"sync": synchronous.final_evaluation.mean["accuracy"], "buffered": buffered.final_evaluation.mean["accuracy"]}
     assert abs(accuracy["buffered"] - accuracy["sync"]) <= 0.01, accuracy
     # The slow site's updates do count, weighted down by their staleness.
-    staleness = [e["buffered"]["staleness"]["va-long-beach"] for e in events if e["event"] == "round_end" and "va-long-beach" in e["nodes_ok"]]
+    ends = [e for e in events if e["event"] == "round_end"]
+    staleness = [e["buffered"]["staleness"]["va-long-beach"] for e in ends if "va-long-beach" in e["nodes_ok"]]
     assert len(staleness) >= 4 and max(staleness) >= 2
     assert not buffered.failures
 
