@@ -251,7 +251,9 @@ class BufferedAggregation(_Section):
     model (one "round" of the plan), weighting each update by
     ``1 / (1 + staleness) ** staleness_exponent``, where staleness is how many
     global models were made since the one the site trained on. Updates staler
-    than ``max_staleness`` are dropped (and counted).
+    than ``max_staleness`` are dropped (and counted). Not with secure
+    aggregation, site-level DP, the robust rules, ``cyclic`` or ``scaffold``
+    (see ``docs/strategies.md``); the loop is :mod:`fedcare.federation.buffered`.
 
     Attributes
     ----------
@@ -729,6 +731,7 @@ class Plan(_Section):
                 "secure aggregation off",
                 {"loc": "strategy.name"},
             )
+        _check_buffered(self, sites=sites)
         site_level = self.privacy.site_level
         if site_level.enabled and site_level.mode == "distributed" and not secure.enabled:
             raise PydanticCustomError(
@@ -745,6 +748,62 @@ class Plan(_Section):
                 stacklevel=2,
             )
         return self
+
+
+#: Why buffered (asynchronous) aggregation refuses a strategy, by strategy name.
+_NOT_BUFFERED = {
+    **{
+        name: "{name} is unweighted and compares each round's updates with one another, so it would ignore the "
+        "staleness weights and compare updates trained on different global models"
+        for name in sorted(_NEEDS_ALL_UPDATES)
+    },
+    "cyclic": "cyclic trains one site at a time, so there is no one to wait for and nothing to buffer",
+    "scaffold": "scaffold's control variates assume that every update of a round starts from the same global "
+    "model and that the server variate moves once per round with all of them",
+}
+
+
+def _check_buffered(plan: Plan, *, sites: int | None) -> None:
+    """Refuse the combinations that asynchronous buffered aggregation cannot run (see ``docs/strategies.md``)."""
+    buffered = plan.strategy.buffered
+    if buffered is None:
+        return
+    if plan.secure_aggregation.enabled:
+        raise PydanticCustomError(
+            "buffered_secure_aggregation",
+            "buffered aggregation folds in each update as it arrives, but secure aggregation reveals only the sum "
+            "of a fixed set of sites agreed before the round; turn secure aggregation off or remove "
+            "strategy.buffered",
+            {"loc": "strategy.buffered"},
+        )
+    reason = _NOT_BUFFERED.get(plan.strategy.name)
+    if reason is not None:
+        raise PydanticCustomError(
+            "buffered_strategy",
+            reason + "; use fedavg, fedprox, a FedOpt rule or norm-bounding with strategy.buffered",
+            {"name": plan.strategy.name, "loc": "strategy.buffered"},
+        )
+    if plan.privacy.site_level.enabled:
+        raise PydanticCustomError(
+            "buffered_site_level_dp",
+            "site-level DP accounts for rounds that sample sites at random, but a buffered round takes whichever "
+            "sites answer first; turn site-level DP off or remove strategy.buffered",
+            {"loc": "strategy.buffered"},
+        )
+    if sites is not None and buffered.buffer_size > sites:
+        raise PydanticCustomError(
+            "buffer_too_large",
+            "buffer_size {buffer_size} is larger than the {sites} sites per round, so the buffer could never fill "
+            "(each site adds at most one update to it)",
+            {"buffer_size": buffered.buffer_size, "sites": sites, "loc": "strategy.buffered.buffer_size"},
+        )
+    if buffered.buffer_size < plan.min_nodes:
+        raise PydanticCustomError(
+            "buffer_too_small",
+            "buffer_size {buffer_size} is smaller than min_nodes ({min_nodes}): every aggregation must hold at "
+            "least min_nodes sites' updates",
+            {"buffer_size": buffered.buffer_size, "min_nodes": plan.min_nodes, "loc": "strategy.buffered.buffer_size"},
+        )
 
 
 def _format_validation_error(error: ValidationError, *, root: str) -> ConfigError:

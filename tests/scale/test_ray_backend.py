@@ -128,6 +128,23 @@ def test_results_stop_at_the_deadline_without_the_straggler(make_transport):
     assert elapsed < 1.5
 
 
+def test_jobs_left_outstanding_by_an_early_stop_answer_a_later_call():
+    # Buffered aggregation takes one answer and stops iterating: a job still queued for the worker must stay.
+    actor = ray.remote(EchoWorker).options(num_cpus=0).remote({"a": 0.05})
+    try:
+        with RayTransport({"a": actor}, max_in_flight_per_worker=1) as transport:
+            for job_id in ("j1", "j2", "j3"):
+                transport.submit("a", job(job_id))
+            answers = transport.results(["j1", "j2", "j3"], timeout_s=30)
+            first = next(iter(answers))
+            answers.close()  # j2 is with the worker, j3 still queued here
+            later = [r.job_id for r in transport.results(["j2", "j3"], timeout_s=30)]
+    finally:
+        ray.kill(actor)
+    assert first.job_id == "j1"
+    assert later == ["j2", "j3"]
+
+
 def test_stale_results_of_earlier_jobs_are_dropped(make_transport):
     with make_transport({"slow": 0.6, "fast": 0.0}) as transport:
         transport.submit("slow", job("old", 1))

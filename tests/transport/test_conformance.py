@@ -181,6 +181,20 @@ def test_node_that_answered_late_keeps_serving(factory):
         assert [r.job_id for r in transport.results(["next"], timeout_s=5)] == ["next"]
 
 
+def test_jobs_left_outstanding_by_an_early_stop_answer_a_later_call(factory):
+    # Buffered aggregation: take the first answer, stop, submit a new job, ask for all outstanding ones.
+    with factory({"slow": 0.4, "fast": 0.0}) as transport:
+        transport.submit("slow", job("js", 1))
+        transport.submit("fast", job("jf1", 1))
+        answers = transport.results(["js", "jf1"], timeout_s=5)
+        first = next(iter(answers))
+        answers.close()  # type: ignore[attr-defined]
+        transport.submit("fast", job("jf2", 2))
+        later = [r.job_id for r in transport.results(["js", "jf2"], timeout_s=5)]
+    assert first.job_id == "jf1"
+    assert later == ["jf2", "js"]
+
+
 def test_submit_to_unknown_node_raises_transport_error(factory):
     with factory({"a": 0.0}) as transport:
         with pytest.raises(TransportError, match="'ghost'"):

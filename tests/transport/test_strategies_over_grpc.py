@@ -18,7 +18,7 @@ import pytest
 
 from fedcare import deployment
 from fedcare.errors import TransportError
-from fedcare.plan import Plan, PrivacyWarning, StrategyConfig, parse_plan
+from fedcare.plan import BufferedAggregation, Plan, PrivacyWarning, StrategyConfig, parse_plan
 from fedcare.simulation import simulate
 from fedcare.transport import pki
 
@@ -119,3 +119,16 @@ def test_strategy_resumed_from_a_checkpoint_completes_every_round(name: str, tmp
 
     assert resumed.rounds_completed == 3
     assert resumed.final_evaluation is not None and resumed.final_evaluation.round == 3
+
+
+def test_buffered_aggregation_over_grpc_with_mtls_completes_every_round(tmp_path: Path) -> None:
+    plan = strategy_plan("fedavg", rounds=3)
+    plan = plan.model_copy(
+        update={"strategy": plan.strategy.model_copy(update={"buffered": BufferedAggregation(buffer_size=3, max_staleness=8)})}
+    )
+    deployed = serve_over_grpc(plan, tmp_path)
+
+    assert deployed.rounds_completed == 3
+    assert [len(sites) for sites in deployed.participation.values()] == [3, 3, 3]
+    assert not deployed.failures
+    assert deployed.final_evaluation is not None and sorted(deployed.final_evaluation.sites) == sorted(SITES)

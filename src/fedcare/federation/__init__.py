@@ -2,6 +2,7 @@
 
 from fedcare.federation.approvals import PlanApprovals, PlanRecord
 from fedcare.federation.audit_log import AuditLog, verify
+from fedcare.federation.buffered import staleness_weight
 from fedcare.federation.coordinator import Coordinator, EvaluationSummary, RunResult
 from fedcare.federation.node import Node, RefusingNode
 from fedcare.federation.participation import ApprovalGate
@@ -18,5 +19,6 @@ __all__ = [
     "RefusingNode",
     "RunDirectory",
     "RunResult",
+    "staleness_weight",
     "verify",
 ]

@@ -228,7 +228,8 @@ class Coordinator:
     def run(self, *, resume: bool = False) -> RunResult:
         """Run every round of the plan, then evaluate and save the final model.
 
-        With a run directory, ``report.html`` is written there when the run
+        With ``plan.strategy.buffered``, a round is one buffered asynchronous
+        aggregation (:mod:`fedcare.federation.buffered`). With a run directory, ``report.html`` is written there when the run
         ends, completed or not (see :mod:`fedcare.report`).
 
         Parameters
@@ -303,21 +304,17 @@ class Coordinator:
         if plan.dataset.normalization == "federated" and self._normalization is None:
             self._normalization = self._federated_normalization(nodes, result)
 
-        for round_number in range(first_round, plan.rounds + 1):
-            result.parameters = self._train_round(round_number, nodes, per_round, result)
-            result.rounds_completed = round_number
-            if self.run_dir is not None:
-                saved: dict[str, Any] = {"run_id": self._run_id}
-                if self._normalization is not None:
-                    saved["normalization"] = self._normalization.to_config()
-                self.run_dir.save_checkpoint(
-                    round=round_number,
-                    parameters=result.parameters,
-                    state=saved,
-                    strategy_state=self.strategy.state_dict(),
-                )
-            if round_number % plan.evaluation.every_rounds == 0 or round_number == plan.rounds:
-                result.evaluations.append(self._evaluate(round_number, nodes, result))
+        if plan.strategy.buffered is not None:
+            from fedcare.federation.buffered import run_buffered  # asynchronous rounds: see that module
+
+            run_buffered(self, nodes=nodes, per_round=per_round, result=result, first_round=first_round)
+        else:
+            for round_number in range(first_round, plan.rounds + 1):
+                result.parameters = self._train_round(round_number, nodes, per_round, result)
+                result.rounds_completed = round_number
+                self._save_checkpoint(round_number, result)
+                if round_number % plan.evaluation.every_rounds == 0 or round_number == plan.rounds:
+                    result.evaluations.append(self._evaluate(round_number, nodes, result))
 
         result.wall_s = time.perf_counter() - started
         card = self._model_card(result)
@@ -702,10 +699,16 @@ class Coordinator:
         for answer in self._exchange(jobs, result):
             sites[answer.node_id] = {k: float(v) for k, v in answer.metrics.items()}
             examples[answer.node_id] = answer.num_examples
-        sites = dict(sorted(sites.items()))
-        summary = aggregate_site_metrics(sites, examples)
+        return self._evaluation_summary(round_number, sites, examples)
+
+    def _evaluation_summary(
+        self, round_number: int, sites: Mapping[str, Mapping[str, float]], examples: Mapping[str, int]
+    ) -> EvaluationSummary:
+        """Combine the sites' evaluation answers of one global model and emit the ``evaluation`` event."""
+        by_site = {node: dict(metrics) for node, metrics in sorted(sites.items())}
+        summary = aggregate_site_metrics(by_site, examples)
         evaluation = EvaluationSummary(
-            round=round_number, sites=sites, examples=dict(sorted(examples.items())), mean=summary["mean"], pooled=summary["pooled"]
+            round=round_number, sites=by_site, examples=dict(sorted(examples.items())), mean=summary["mean"], pooled=summary["pooled"]
         )
         self._emit(
             {
@@ -748,38 +751,62 @@ class Coordinator:
         """Submit ``jobs`` and yield the successful answers; record failures and stragglers."""
         pending: dict[str, str] = {}
         for node, job in jobs.items():
-            try:
-                self.transport.submit(node, job)
-            except TransportError as exc:
-                failure = {"round": job.round, "node_id": node, "kind": job.kind.value, "error": exc.message}
-                result.failures.append(failure)
-                self._emit({"event": "node_failed", **failure})
-                continue
-            pending[job.job_id] = node
-            self._count(node, down=job.payload_bytes)
-        for answer in self.transport.results(list(pending), timeout_s=self.plan.round_timeout_s):
-            answer = self._count_transport(answer)
-            expected = pending.pop(answer.job_id, None)
-            if expected is None:
-                logger.warning("refused a result for a job that is not outstanding", extra={"node_id": answer.node_id})
-                continue
-            if expected != answer.node_id or answer.run_id != self._run_id:
-                mismatch = "another node" if expected != answer.node_id else "another run"
-                self._record_failure(
-                    result, dataclasses.replace(answer, node_id=expected), f"result does not match its job (it names {mismatch})"
-                )
-                continue
-            self._count(answer.node_id, up=answer.payload_bytes)
-            if not answer.ok:
-                self._record_failure(result, answer, answer.error or "unknown error")
-                continue
-            if "dp_epsilon" in answer.metrics:
-                result.epsilon_spent[answer.node_id] = float(answer.metrics["dp_epsilon"])
-            yield answer
+            if self._submit(node, job, result):
+                pending[job.job_id] = node
+        for raw in self.transport.results(list(pending), timeout_s=self.plan.round_timeout_s):
+            answer = self._receive(raw, pending, result)
+            if answer is not None:
+                yield answer
         for job_id, node in pending.items():
-            round_number = jobs[node].round
-            result.failures.append({"round": round_number, "node_id": node, "error": "no answer before the round deadline"})
-            self._emit({"event": "node_late", "round": round_number, "node_id": node, "job_id": job_id})
+            self._record_late(result, round_number=jobs[node].round, node=node, job_id=job_id)
+
+    def _submit(self, node: str, job: Job, result: RunResult) -> bool:
+        """Hand ``job`` to the transport and count its bytes; False (failure recorded) if it cannot be sent."""
+        try:
+            self.transport.submit(node, job)
+        except TransportError as exc:
+            failure = {"round": job.round, "node_id": node, "kind": job.kind.value, "error": exc.message}
+            result.failures.append(failure)
+            self._emit({"event": "node_failed", **failure})
+            return False
+        self._count(node, down=job.payload_bytes)
+        return True
+
+    def _receive(self, answer: JobResult, pending: dict[str, str], result: RunResult) -> JobResult | None:
+        """Take one answer out of ``pending`` (job id to node); the answer if it is a success, else None (recorded)."""
+        answer = self._count_transport(answer)
+        expected = pending.pop(answer.job_id, None)
+        if expected is None:
+            logger.warning("refused a result for a job that is not outstanding", extra={"node_id": answer.node_id})
+            return None
+        if expected != answer.node_id or answer.run_id != self._run_id:
+            mismatch = "another node" if expected != answer.node_id else "another run"
+            self._record_failure(
+                result, dataclasses.replace(answer, node_id=expected), f"result does not match its job (it names {mismatch})"
+            )
+            return None
+        self._count(answer.node_id, up=answer.payload_bytes)
+        if not answer.ok:
+            self._record_failure(result, answer, answer.error or "unknown error")
+            return None
+        if "dp_epsilon" in answer.metrics:
+            result.epsilon_spent[answer.node_id] = float(answer.metrics["dp_epsilon"])
+        return answer
+
+    def _record_late(self, result: RunResult, *, round_number: int, node: str, job_id: str) -> None:
+        result.failures.append({"round": round_number, "node_id": node, "error": "no answer before the round deadline"})
+        self._emit({"event": "node_late", "round": round_number, "node_id": node, "job_id": job_id})
+
+    def _save_checkpoint(self, round_number: int, result: RunResult) -> None:
+        """Save the global model after ``round_number`` with the strategy's state (no-op without a run directory)."""
+        if self.run_dir is None:
+            return
+        saved: dict[str, Any] = {"run_id": self._run_id}
+        if self._normalization is not None:
+            saved["normalization"] = self._normalization.to_config()
+        self.run_dir.save_checkpoint(
+            round=round_number, parameters=result.parameters, state=saved, strategy_state=self.strategy.state_dict()
+        )
 
     def _check_update(self, answer: JobResult, global_parameters: Parameters) -> Parameters:
         update = answer.update

@@ -60,7 +60,11 @@ class Transport(abc.ABC):
         """Yield results of ``job_ids`` as they complete.
 
         Stops when every job has answered or ``timeout_s`` seconds have
-        passed; results of other (stale) jobs are dropped.
+        passed; results of other (stale) jobs are dropped. A caller may stop
+        iterating early: the jobs it has not had an answer to stay
+        outstanding, and a later call naming them (with jobs submitted since)
+        yields their results. Buffered aggregation
+        (:mod:`fedcare.federation.buffered`) takes one answer at a time so.
         """
 
     def statuses(self) -> dict[str, tuple[str, str]]:

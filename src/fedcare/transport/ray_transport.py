@@ -301,13 +301,16 @@ class RayTransport(Transport):
     def results(self, job_ids: Collection[str], *, timeout_s: float | None) -> Iterator[JobResult]:
         waiting = set(job_ids)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        expired = False  # a caller that stops iterating early keeps its other jobs outstanding (buffered rounds)
         try:
             while waiting and self._in_flight:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    expired = True
                     return
                 ready, _ = self._ray.wait(list(self._in_flight), num_returns=1, timeout=remaining)
                 if not ready:
+                    expired = True
                     return
                 for ref in ready:
                     key, node_id, job = self._in_flight.pop(ref)
@@ -320,7 +323,7 @@ class RayTransport(Transport):
                     waiting.discard(result.job_id)
                     yield result
         finally:
-            if waiting:
+            if waiting and (expired or not self._in_flight):
                 self._drop_queued(waiting)
 
     def close(self) -> None:
