@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/load.py
 	$(PY) benchmarks/bandwidth.py
+	$(PY) benchmarks/buffered.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
