@@ -373,6 +373,16 @@ def test_simulation_refuses_an_attack_on_a_site_that_does_not_take_part() -> Non
     assert caught.value.field == "attacks"
 
 
+def test_simulation_refuses_an_update_attack_on_compressed_updates() -> None:
+    plan = _sim_plan({"name": "fedavg"}, rounds=1).model_copy(
+        update={"compression": parse_plan({"task": "t", "dataset": {"name": "d"}, "rounds": 1, "compression": {"method": "int8"}}).compression}
+    )
+    with pytest.raises(ConfigError, match="compression.method int8") as caught:
+        simulate(plan, attacks={"site-0": SignFlip()})
+    assert caught.value.field == "attacks"
+    simulate(plan, attacks={"site-0": LabelFlip()})  # a data attack leaves the update to the site
+
+
 def test_make_strategy_refuses_site_level_dp_with_a_robust_rule() -> None:
     from fedcare.plan import SiteLevelPrivacy
 

@@ -184,6 +184,12 @@ def _check_attacks(plan: Plan, attacks: Mapping[str, Attack], *, sites: list[str
             "site; turn secure aggregation off or use a data attack such as LabelFlip",
             field="attacks",
         )
+    if plan.compression.method != "none" and any(attack.poisons_updates for attack in attacks.values()):
+        raise ConfigError(
+            f"a simulated attack on updates rewrites the float32 update, but with compression.method "
+            f"{plan.compression.method} the site sends a packed one; set compression.method: none to study attacks",
+            field="attacks",
+        )
 
 
 def simulation_strategy(plan: Plan, sites: Sequence[str]) -> Strategy:
