@@ -69,14 +69,19 @@ def test_missing_mlflow_is_a_config_error_when_the_run_starts_not_at_parse(monke
 
 
 def test_plan_without_tracking_keeps_its_hash():
+    """A plan that leaves the later sections at their defaults hashes as before they existed."""
     plan = parse_plan(BASE)
     dumped = plan.model_dump(mode="json")
-    del dumped["tracking"]
+    for later in ("tracking", "compression"):
+        del dumped[later]
+    del dumped["local"]["max_local_seconds"], dumped["strategy"]["buffered"]
     import hashlib
 
     expected = hashlib.sha256(json.dumps(dumped, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert plan_hash(plan) == expected
-    assert plan_hash(parse_plan({**BASE, "tracking": "mlflow"})) != expected
+    for changed in ({"tracking": "mlflow"}, {"compression": {"method": "int8"}}, {"local": {"max_local_seconds": 60}},
+                    {"strategy": {"buffered": {"buffer_size": 2}}}):  # fmt: skip
+        assert plan_hash(parse_plan({**BASE, **changed})) != expected, changed
 
 
 def test_params_leave_out_the_tracking_uri_and_cut_long_values():
