@@ -279,12 +279,15 @@ def test_ctrl_c_exits_130_naming_the_intact_checkpoint(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120  # a loaded 2-core machine can take a minute to import torch
-    while time.monotonic() < deadline and not (metrics.exists() and '"round_end"' in metrics.read_text()):
-        time.sleep(0.1)
-    assert '"round_end"' in metrics.read_text(), "no round ended within 120 s"
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120  # a loaded 2-core machine can take a minute to import torch
+        while time.monotonic() < deadline and not (metrics.exists() and '"round_end"' in metrics.read_text()):
+            time.sleep(0.1)
+        assert '"round_end"' in metrics.read_text(), "no round ended within 120 s"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a run of 100,000 rounds must not outlive a failed test
     assert process.returncode == 130, stderr
     assert f"interrupted; the last checkpoint in {tmp_path / 'run'} is intact" in stderr
     assert stdout == ""
