@@ -93,12 +93,14 @@ def test_demo_runs_heart_disease_federation_and_prints_table_and_epsilon_spent(t
 
 
 def test_demo_json_has_required_keys(tmp_path):
-    out = run("demo", "--inproc", "--json", "--out", str(tmp_path / "demo"))
+    # In one process and without DP (the DP demo's JSON is checked deployed, in tests/deployment).
+    out = run("demo", "--inproc", "--no-dp", "--json", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert {"run_dir", "rounds", "sites", "mean_site_accuracy", "epsilon_spent", "wall_s"} <= set(summary)
     assert len(summary["sites"]) == 4
-    assert sorted(summary["epsilon_spent"]) == sorted(summary["sites"])
+    assert summary["epsilon_spent"] == {}
+    assert 0.7 < summary["mean_site_accuracy"] <= 1.0
 
 
 def test_demo_runs_the_example_plans():

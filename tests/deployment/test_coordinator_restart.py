@@ -24,7 +24,7 @@ from fedcare.simulation import simulate
 
 from .conftest import Launched, ProcessGroup, deploy, free_port, read_events, wait_for
 
-ROUNDS = 6
+ROUNDS = 4
 
 
 def checkpointed_round(run_dir: Path) -> int:

@@ -1,4 +1,4 @@
-"""200 nodes join one coordinator over mutual TLS on loopback and complete 3 rounds of FedAvg.
+"""200 nodes join one coordinator over mutual TLS on loopback and complete 2 rounds of FedAvg.
 
 One run serves every test of this module (``load_run``): the coordinator
 (a real :class:`GrpcTransport` and :class:`Coordinator`) runs in this
@@ -25,7 +25,7 @@ from .light_nodes import expected_fedavg, node_names
 
 NUM_NODES = 200
 NUM_VALUES = 2_000_000
-ROUNDS = 3
+ROUNDS = 2
 PROCESSES = 4
 UPLOAD_SLOTS = 4
 CHUNK_BYTES = 1 << 20
