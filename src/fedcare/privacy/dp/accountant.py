@@ -284,7 +284,9 @@ def noise_multiplier_for(
             "plan fewer releases or a larger budget",
             field="privacy.epsilon",
         )
-    if accountant == "rdp":
+    if accountant == "rdp" or (accountant == "pld" and sample_rate == 1.0 and not prior):
+        # RDP itself, or one Gaussian release without sampling and nothing before it (feature
+        # statistics): there PLD takes milliseconds, less than the RDP guess below would.
         start = 1.0
     else:
         # A cheap start: RDP for the new release alone against what is left. RDP
