@@ -36,74 +36,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by path
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = Path(__file__).resolve().parent
+_ROOT = _HERE.parent
+for _path in (_HERE, _ROOT / "tests" / "federation"):
+    if str(_path) not in sys.path:  # run as a script or loaded by path
+        sys.path.insert(0, str(_path))
 from _common import format_table, machine_info, write_results  # noqa: E402
+from slow_sites import HEART as _HEART, run_heart  # noqa: E402
 
-from fedcare.data.catalog import DatasetCatalog  # noqa: E402
-from fedcare.federation import Coordinator, Node  # noqa: E402
-from fedcare.federation.coordinator import RunResult  # noqa: E402
-from fedcare.plan import Plan, parse_plan  # noqa: E402
-from fedcare.simulation import initial_parameters, load_sites, simulation_strategy  # noqa: E402
-from fedcare.tasks.base import Split, TrainResult  # noqa: E402
-from fedcare.tasks.tabular import LogisticTask  # noqa: E402
-from fedcare.transport.inproc import InProcTransport  # noqa: E402
+from fedcare.plan import parse_plan  # noqa: E402
 
 SITES = ("cleveland", "hungary", "switzerland", "va-long-beach")
 
-HEART: dict[str, Any] = {
-    "name": "heart-buffered-benchmark",
-    "task": "tabular-logistic",
-    "dataset": {"name": "heart-disease", "normalization": "federated"},
-    "rounds": 30,
-    "min_nodes": 2,
-    "local": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "learning_rate": 0.01},
-    "strategy": {"name": "fedavg"},
-    "evaluation": {"every_rounds": 10},
-    "seed": 0,
-}
+#: The plan of tests/federation/slow_sites.py under the benchmark's own name.
+HEART: dict[str, Any] = {**_HEART, "name": "heart-buffered-benchmark"}
 
 BUFFERED = {"buffer_size": 3, "max_staleness": 8, "staleness_exponent": 0.5}
-
-
-class SleepingTask(LogisticTask):
-    """Logistic regression whose local round takes ``slowdown`` times (``delay_s`` + its training time).
-
-    A site with little compute: with ``slowdown`` 1 it sleeps ``delay_s`` after
-    training; with 5 it sleeps until five times what a site with ``slowdown`` 1
-    takes for the same training has passed.
-    """
-
-    def __init__(self, delay_s: float, *, slowdown: float = 1.0) -> None:
-        self.delay_s = delay_s
-        self.slowdown = slowdown
-
-    def train(self, model: Any, data: Split, plan: Plan, *, seed: int, hooks: Any = ()) -> TrainResult:
-        started = time.perf_counter()
-        outcome = super().train(model, data, plan, seed=seed, hooks=hooks)
-        compute_s = time.perf_counter() - started
-        time.sleep(max(0.0, self.slowdown * (self.delay_s + compute_s) - compute_s))
-        return outcome
-
-
-def run_heart(plan: Plan, *, delay_s: float = 0.0, slowdowns: Mapping[str, float] | None = None) -> tuple[RunResult, list[dict[str, Any]]]:
-    catalog = DatasetCatalog.bundled()
-    sites, _ = load_sites(catalog.get(plan.dataset.name), plan)
-    spec = catalog.spec(plan.dataset)
-    events: list[dict[str, Any]] = []
-    with InProcTransport(max_concurrency=len(sites)) as transport:
-        for site, data in sites.items():
-            task = SleepingTask(delay_s, slowdown=(slowdowns or {}).get(site, 1.0))
-            transport.add_node(site, Node(site, task=task, data=data, plan=plan).serve)
-        result = Coordinator(
-            plan,
-            strategy=simulation_strategy(plan, list(sites)),
-            transport=transport,
-            initial_parameters=initial_parameters(LogisticTask(), spec, plan),
-            statistics_width=spec.channels,
-            on_event=events.append,
-        ).run()
-    return result, events
 
 
 def compare(
