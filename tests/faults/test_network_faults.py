@@ -26,19 +26,15 @@ import pytest
 
 pytest.importorskip("grpc")  # grpcio is not a core dependency
 
-from fedcare.data import DatasetCatalog  # noqa: E402
 from fedcare.errors import FedcareError  # noqa: E402
-from fedcare.federation.coordinator import Coordinator, RunResult  # noqa: E402
-from fedcare.federation.node import Node  # noqa: E402
+from fedcare.federation.coordinator import RunResult  # noqa: E402
 from fedcare.federation.rundir import RunDirectory  # noqa: E402
 from fedcare.messages import Job, JobKind  # noqa: E402
 from fedcare.plan import Plan, parse_plan  # noqa: E402
-from fedcare.simulation import initial_parameters  # noqa: E402
-from fedcare.strategies import make_strategy  # noqa: E402
-from fedcare.tasks.registry import TaskRegistry  # noqa: E402
 from fedcare.transport import pki  # noqa: E402
 from fedcare.transport.grpc_client import Backoff, GrpcNodeChannel, TransportCounters  # noqa: E402
 from fedcare.transport.grpc_server import GrpcTransport  # noqa: E402
+from tests.faults.harness import OnJob, run_over_proxy  # noqa: E402
 from tests.faults.proxy import FaultProxy, ProxyCounters  # noqa: E402
 
 SITES = ("cleveland", "hungary", "switzerland")
@@ -50,9 +46,6 @@ CUT_AFTER_BYTES = 400_000
 #: A node silent for three intervals plus one second is taken as gone: 7 s, longer than the link is down.
 HEARTBEAT_INTERVAL_S = 2.0
 LINK_DOWN_S = 2.5
-
-OnJob = Callable[[str, Job, FaultProxy], None]
-
 
 def fault_plan() -> Plan:
     return parse_plan(
@@ -107,81 +100,24 @@ def quick_backoff() -> Backoff:
     return Backoff(initial_s=0.05, maximum_s=0.5)
 
 
-def serve_site(node: Node, channel: GrpcNodeChannel, proxy: FaultProxy, on_job: OnJob | None) -> None:
-    """``Node.serve``, with a look at each job before the node does it."""
-    channel.join()
-    channel.report_status("approved")
-    while not channel.closed:
-        job = channel.pull_job(timeout_s=0.5)
-        if job is None:
-            continue
-        if on_job is not None:
-            on_job(node.node_id, job, proxy)
-        channel.push_result(node.handle(job))
-
-
 def run_federation(
     workdir: Path, certs: Path, *, arrange: Callable[[FaultProxy], None] | None = None, on_job: OnJob | None = None
 ) -> FederationRun:
     """Run the plan through a proxy set up by ``arrange``; ``on_job`` sees each job a site pulls."""
-    plan = fault_plan()
-    registry = TaskRegistry.from_entry_points()
-    catalog = DatasetCatalog.bundled()
-    task = registry.get(plan.task)
-    spec = catalog.spec(plan.dataset)
-    dataset = catalog.get(plan.dataset.name)
-    run_id = uuid.uuid4().hex
-    transport = GrpcTransport(
-        plan, listen="127.0.0.1:0", certs_dir=certs, chunk_bytes=CHUNK_BYTES, heartbeat_interval_s=HEARTBEAT_INTERVAL_S
+    run = run_over_proxy(
+        fault_plan(),
+        certs,
+        SITES,
+        proxy_seed=7,
+        arrange=arrange,
+        on_job=on_job,
+        transport_options={"chunk_bytes": CHUNK_BYTES, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S},
+        channel_options={"chunk_bytes": CHUNK_BYTES, "give_up_after_s": 30, "backoff": quick_backoff},
+        run_dir=RunDirectory(workdir / "run"),
     )
-    transport.set_run(run_id)
-    proxy = FaultProxy(transport.port, seed=7)
-    if arrange is not None:
-        arrange(proxy)
-    channels = {
-        site: GrpcNodeChannel(
-            proxy.address, certs_dir=certs, name=site, chunk_bytes=CHUNK_BYTES, give_up_after_s=30, backoff=quick_backoff
-        )
-        for site in SITES
-    }
-    errors: list[BaseException] = []
-    stopping = threading.Event()
-
-    def site_thread(site: str) -> None:
-        node = Node(site, task=registry.get(plan.task), data=dataset.load_site(plan.dataset, site), plan=plan)
-        try:
-            serve_site(node, channels[site], proxy, on_job)
-        except BaseException as exc:  # reported by the test, unless the run is over and the channel closed under it
-            if not stopping.is_set():
-                errors.append(exc)
-
-    threads = [threading.Thread(target=site_thread, args=(site,), name=f"site-{site}", daemon=True) for site in SITES]
-    run_dir = RunDirectory(workdir / "run")
-    try:
-        for thread in threads:
-            thread.start()
-        assert len(transport.wait_for_nodes(len(SITES), timeout_s=30)) == len(SITES), errors
-        coordinator = Coordinator(
-            plan,
-            strategy=make_strategy(plan.strategy),
-            transport=transport,
-            initial_parameters=initial_parameters(task, spec, plan),
-            statistics_width=spec.channels,
-            run_dir=run_dir,
-            run_id=run_id,
-        )
-        result = coordinator.run()
-    finally:
-        stopping.set()
-        transport.close()
-        for channel in channels.values():  # a site still dialling when the run ends stops here
-            channel.close()
-        for thread in threads:
-            thread.join(timeout=15)
-        proxy.close()
-    assert not errors, errors
     events = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines() if line]
-    return FederationRun(result, events, proxy.counters(), {site: c.counters() for site, c in channels.items()})
+    channels = {site: channel.counters() for site, channel in run.channels.items()}
+    return FederationRun(run.result, events, run.proxy.counters(), channels)
 
 
 @pytest.fixture(scope="module")

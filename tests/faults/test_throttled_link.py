@@ -14,7 +14,6 @@ update's float32 size (an uncompressed run would only add its metrics to it).
 from __future__ import annotations
 
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,11 @@ import pytest
 
 pytest.importorskip("grpc")  # grpcio is not a core dependency
 
-from fedcare.data import DatasetCatalog  # noqa: E402
-from fedcare.federation.coordinator import Coordinator  # noqa: E402
-from fedcare.federation.node import Node  # noqa: E402
-from fedcare.messages import JobKind  # noqa: E402
+from fedcare.messages import Job, JobKind  # noqa: E402
 from fedcare.plan import Plan, parse_plan  # noqa: E402
-from fedcare.simulation import initial_parameters  # noqa: E402
-from fedcare.strategies import make_strategy  # noqa: E402
-from fedcare.tasks.registry import TaskRegistry  # noqa: E402
 from fedcare.transport import pki  # noqa: E402
-from fedcare.transport.grpc_client import Backoff, GrpcNodeChannel  # noqa: E402
-from fedcare.transport.grpc_server import GrpcTransport  # noqa: E402
+from fedcare.transport.grpc_client import Backoff  # noqa: E402
+from tests.faults.harness import run_over_proxy  # noqa: E402
 from tests.faults.proxy import FaultProxy  # noqa: E402
 
 SITES = ("cleveland", "hungary", "switzerland")
@@ -76,75 +69,35 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_throttled(certs: Path, method: str) -> tuple[Any, list[dict[str, Any]], int]:
     """Run the plan with ``method``; return the result, the events of metrics.jsonl and the proxy's cuts."""
-    plan = throttled_plan(method)
-    registry = TaskRegistry.from_entry_points()
-    catalog = DatasetCatalog.bundled()
-    task = registry.get(plan.task)
-    spec = catalog.spec(plan.dataset)
-    dataset = catalog.get(plan.dataset.name)
-    run_id = uuid.uuid4().hex
-    transport = GrpcTransport(plan, listen="127.0.0.1:0", certs_dir=certs, heartbeat_interval_s=2.0)
-    transport.set_run(run_id)
-    proxy = FaultProxy(transport.port, seed=3)
-    for direction in (proxy.up, proxy.down):
-        direction.bytes_per_s = LINK_BYTES_PER_S
-        direction.latency_s = (0.05, 0.15)
+
+    def throttle(proxy: FaultProxy) -> None:
+        for direction in (proxy.up, proxy.down):
+            direction.bytes_per_s = LINK_BYTES_PER_S
+            direction.latency_s = (0.05, 0.15)
+
     cut = threading.Event()
-    channels = {
-        site: GrpcNodeChannel(
-            proxy.address if site == SLOW_SITE else f"127.0.0.1:{transport.port}", certs_dir=certs, name=site,
-            give_up_after_s=30, backoff=lambda: Backoff(initial_s=0.05, maximum_s=0.5),
-        )
-        for site in SITES
-    }  # fmt: skip
-    errors: list[BaseException] = []
+
+    def cut_while_training(site: str, job: Job, proxy: FaultProxy) -> None:
+        if site == SLOW_SITE and job.kind is JobKind.TRAIN and not cut.is_set():
+            cut.set()
+            proxy.cut_all()  # the connection drops while the site trains; it reconnects to upload
+
     events: list[dict[str, Any]] = []
-    stopping = threading.Event()
-
-    def serve(site: str) -> None:
-        node = Node(site, task=registry.get(plan.task), data=dataset.load_site(plan.dataset, site), plan=plan)
-        channel = channels[site]
-        try:
-            channel.join()
-            channel.report_status("approved")
-            while not channel.closed:
-                job = channel.pull_job(timeout_s=0.5)
-                if job is None:
-                    continue
-                if site == SLOW_SITE and job.kind is JobKind.TRAIN and not cut.is_set():
-                    cut.set()
-                    proxy.cut_all()  # the connection drops while the site trains; it reconnects to upload
-                channel.push_result(node.handle(job))
-        except BaseException as exc:
-            if not stopping.is_set():
-                errors.append(exc)
-
-    threads = [threading.Thread(target=serve, args=(site,), daemon=True) for site in SITES]
-    try:
-        for thread in threads:
-            thread.start()
-        assert len(transport.wait_for_nodes(len(SITES), timeout_s=30)) == len(SITES), errors
-        result = Coordinator(
-            plan,
-            strategy=make_strategy(plan.strategy),
-            transport=transport,
-            initial_parameters=initial_parameters(task, spec, plan),
-            statistics_width=spec.channels,
-            # The events metrics.jsonl would hold, as they are logged; no run directory, so no
-            # report.html to render (seconds of matplotlib per run, tested elsewhere).
-            on_event=events.append,
-            run_id=run_id,
-        ).run()
-    finally:
-        stopping.set()
-        transport.close()
-        for channel in channels.values():
-            channel.close()
-        for thread in threads:
-            thread.join(timeout=15)
-        proxy.close()
-    assert not errors, errors
-    return result, events, proxy.counters().cuts
+    run = run_over_proxy(
+        throttled_plan(method),
+        certs,
+        SITES,
+        proxy_seed=3,
+        proxied=(SLOW_SITE,),
+        arrange=throttle,
+        on_job=cut_while_training,
+        transport_options={"heartbeat_interval_s": 2.0},
+        channel_options={"give_up_after_s": 30, "backoff": lambda: Backoff(initial_s=0.05, maximum_s=0.5)},
+        # The events metrics.jsonl would hold, as they are logged; no run directory, so no
+        # report.html to render (seconds of matplotlib per run, tested elsewhere).
+        on_event=events.append,
+    )
+    return run.result, events, run.proxy.counters().cuts
 
 
 def upload_per_round(events: list[dict[str, Any]], site: str) -> list[int]:
