@@ -138,7 +138,7 @@ def test_prv_failure_is_reported_as_a_config_error_suggesting_rdp():
 # -- the noise multiplier for a budget -----------------------------------------------
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
 def test_noise_multiplier_for_meets_the_target_from_below_and_tightly(accountant):
     sigma = noise_multiplier_for(epsilon=3.0, delta=DELTA, sample_rate=0.1, steps=100, accountant=accountant)
 
@@ -147,6 +147,42 @@ def test_noise_multiplier_for_meets_the_target_from_below_and_tightly(accountant
 
     assert spent(sigma) <= 3.0
     assert spent(sigma * 0.995) > 3.0
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "sample_rate", "steps"),
+    [
+        (3.0, 0.133, 32),  # a heart-disease site's run: both PLD grids agree to 1e-5
+        (0.7, 0.004, 50_000),  # long and private: the coarse search grid is about 10 % pessimistic here
+        (0.5, 1.0, 30),  # no sampling
+    ],
+)
+def test_pld_noise_search_on_a_coarse_grid_is_certified_and_tight_on_the_fine_one(epsilon, sample_rate, steps):
+    prior = [Mechanism(noise_multiplier=7.071, sample_rate=1.0, steps=1, label="feature-stats")]
+    sigma = noise_multiplier_for(
+        epsilon=epsilon, delta=DELTA, sample_rate=sample_rate, steps=steps, accountant="pld", prior=prior
+    )
+
+    def spent(noise):
+        return epsilon_spent([*prior, Mechanism(noise, sample_rate, steps)], delta=DELTA, accountant="pld")
+
+    assert spent(sigma) <= epsilon
+    assert spent(sigma * 0.9975) > epsilon  # within 0.25 % of the smallest multiplier that fits
+
+
+def test_pld_epsilon_is_dp_accountings_own_to_the_last_bit():
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    history = [(7.071, 1.0, 1), (1.11, 0.133, 32), (0.9, 0.05, 400), (1.3, 0.133, 8)]  # distinct: not pooled
+    reference = PLDAccountant()
+    for sigma, rate, steps in history:
+        event = GaussianDpEvent(sigma) if rate == 1.0 else PoissonSampledDpEvent(rate, GaussianDpEvent(sigma))
+        reference.compose(SelfComposedDpEvent(event, steps))
+    # Twice: the second composition reuses the subsampled Gaussians the first one built.
+    for _ in range(2):
+        mechanisms = [Mechanism(sigma, rate, steps) for sigma, rate, steps in history]
+        assert epsilon_spent(mechanisms, delta=DELTA, accountant="pld") == reference.get_epsilon(DELTA)
 
 
 def test_noise_multiplier_for_recovers_the_published_noise():
