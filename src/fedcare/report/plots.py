@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -70,7 +71,29 @@ def _integer_ticks(axes: Axes) -> None:
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def _load_matplotlib() -> None:
+    """Import the parts of matplotlib the plots use, one thread at a time.
+
+    Threads that import matplotlib's submodules for the first time at once
+    (the dashboard's HTTP threads, when a browser asks for every plot as the
+    page opens) can trip Python's import deadlock detection; the import that
+    loses fails halfway, and matplotlib stays broken for the whole process
+    (its ``cbook`` keeps the half-made package). Under the lock only one
+    thread imports; afterwards each call only looks the modules up.
+    """
+    with _IMPORT_LOCK:
+        import matplotlib.backends.backend_agg
+        import matplotlib.colors
+        import matplotlib.figure
+        import matplotlib.patches
+        import matplotlib.ticker  # noqa: F401
+
+
 def _figure(width_in: float, height_in: float) -> Figure:
+    _load_matplotlib()
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width_in, height_in), dpi=_DPI, layout="constrained")
@@ -284,6 +307,7 @@ def participation_plot(record: RunRecord) -> bytes | None:
     if not record.participation or not record.sites:
         return None
     import numpy as np
+    _load_matplotlib()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
