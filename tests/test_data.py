@@ -170,6 +170,21 @@ def test_heart_disease_split_equals_scikit_learn_train_test_split(
     np.testing.assert_array_equal(heart[site].test.y, y[test_index])
 
 
+def test_loading_heart_disease_does_not_import_scikit_learn() -> None:
+    # Every node process loads its site; the split ships as indices (split.json), so none pays sklearn's import.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedcare.data import DatasetCatalog; from fedcare.plan import DatasetConfig; "
+        "DatasetCatalog.bundled().get('heart-disease').load_site(DatasetConfig(name='heart-disease'), 'hungary'); "
+        "print('sklearn' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_heart_disease_switzerland_is_split_without_stratification() -> None:
     # One healthy patient in 46: FLamby stratifies only when both classes have more than two.
     _, y = _read_raw_heart_site(HEART_FILES["switzerland"])

@@ -10,6 +10,7 @@ import abc
 import csv
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -110,7 +111,9 @@ class HeartDisease(BundledDataset):
     resting ECG are one-hot encoded with the first level dropped (13
     features). Each hospital is split with scikit-learn's ``train_test_split``
     (``train_size=0.66``, ``random_state=43``, shuffled, stratified when both
-    classes have more than two patients): 199/104, 172/89, 30/16, 85/45.
+    classes have more than two patients): 199/104, 172/89, 30/16, 85/45. The
+    split's row indices ship beside the data (``split.json``), so loading
+    does not import scikit-learn.
     """
 
     info = DatasetInfo(
@@ -127,6 +130,9 @@ class HeartDisease(BundledDataset):
         "switzerland": ("processed.switzerland.data", "834a405ccf5b66ab4056bb77794adc8df0b7125186454c0a1d002d33c6c3b314"),
         "va-long-beach": ("processed.va.data", "e7c93d8d0d2acdadfa4c5e8de768e2191e7f618b952e29623f1f0d5949ff6b8f"),
     }
+    #: The split of each site's rows (after the rows with missing values are dropped) that
+    #: ``train_test_split(rows, y, train_size=0.66, random_state=43, shuffle=True, stratify=...)`` gives.
+    _SPLIT = ("split.json", "c7ffcaf1686057afd018c5083a5aee496c5154d5bba2e4c2e5e5a24184810003")
     FEATURES = (
         "age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
         "cp_atypical_angina", "cp_non_anginal", "cp_asymptomatic", "restecg_st_t", "restecg_lvh",
@@ -153,20 +159,34 @@ class HeartDisease(BundledDataset):
         return tuple(self._FILES)
 
     def _load_all(self, config: DatasetConfig) -> dict[str, SiteData]:
-        from sklearn.model_selection import train_test_split
-
         spec = self.spec(config)
+        split = self._split()
         sites = {}
         for site, (filename, sha256) in self._FILES.items():
             x, y = self._read_site(filename, sha256)
-            stratify = y if np.bincount(y, minlength=2).min() > 2 else None
-            x_train, x_test, y_train, y_test = train_test_split(
-                x, y, train_size=0.66, random_state=43, shuffle=True, stratify=stratify
-            )
-            sites[site] = SiteData(
-                site=site, spec=spec, train=Split(x_train, y_train), test=Split(x_test, y_test)
-            )
+            train, test = split[site]
+            if len(train) + len(test) != len(y) or not np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(y))):
+                raise DataError(f"bundled {self._SPLIT[0]} does not partition {filename}'s {len(y)} rows; reinstall fedcare")
+            sites[site] = SiteData(site=site, spec=spec, train=Split(x[train], y[train]), test=Split(x[test], y[test]))
         return sites
+
+    @classmethod
+    def _split(cls) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each site's train and test row indices, in the order ``train_test_split`` gives them.
+
+        Computed once with scikit-learn (``split.json``, see the bundled README)
+        and read here without importing it, which takes about a second that
+        every node process would otherwise pay.
+        """
+        filename, sha256 = cls._SPLIT
+        raw = _bundled_path("heart_disease", filename).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != sha256:
+            raise DataError(f"bundled file {filename} does not match its recorded SHA-256; reinstall fedcare")
+        table = json.loads(raw)
+        return {
+            site: (np.asarray(table[site]["train"], dtype=np.int64), np.asarray(table[site]["test"], dtype=np.int64))
+            for site in cls._FILES
+        }
 
     @staticmethod
     def _read_site(filename: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
