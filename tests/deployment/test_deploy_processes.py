@@ -183,8 +183,9 @@ def test_coordinator_refuses_valid_node_the_plan_does_not_name(
 
 # -- failures and ordering -----------------------------------------------------------------------
 
-#: Many quick rounds: the run outlasts the restart of a killed node by a wide margin.
-KILL_TEST_ROUNDS = 300
+#: Many quick rounds: the run outlasts the restart of a killed node by a wide margin (a restarted
+#: node is back within about 100 rounds here); the test stops it once the node has trained again.
+KILL_TEST_ROUNDS = 2000
 
 
 def kill_after_first_round(coordinator: Launched, run_dir: Path, victim: Launched) -> None:
@@ -218,10 +219,18 @@ def test_node_killed_mid_round_is_left_out_and_rejoins_after_restart(tmp_path: P
     [left_out_at] = wait_for(victim_left_out, timeout_s=30, what=f"{victim} to be left out")
     processes.node(f"{victim}-restarted", layout.node_configs[victim], port=port, certs_dir=layout.certs_dir)
 
-    assert coordinator.wait(timeout_s=180) == 0, coordinator.stderr()[-3000:]
-    events = read_events(layout.run_dir)
-    rounds_back = [e["round"] for e in events[left_out_at:] if e["event"] == "round_end" and victim in e["nodes_ok"]]
-    assert rounds_back, f"{victim} never completed a round after it was left out (the run has {KILL_TEST_ROUNDS} rounds)"
+    def rounds_back() -> list[int]:
+        """The rounds the victim completed after it was left out (fails the test if the run ends first)."""
+        assert coordinator.running(), f"the run ended first:\n{coordinator.stderr()[-3000:]}"
+        events = read_events(layout.run_dir)
+        return [e["round"] for e in events[left_out_at:] if e["event"] == "round_end" and victim in e["nodes_ok"]]
+
+    back = wait_for(rounds_back, timeout_s=180, what=f"{victim} to complete a round after it was left out")
+    assert back and min(back) > 2, back
+    # The rest of the run proves nothing more: stop it as an operator would, with Ctrl-C.
+    coordinator.process.send_signal(signal.SIGINT)
+    assert coordinator.wait(timeout_s=60) == 130, coordinator.stderr()[-3000:]
+    assert "interrupted" in coordinator.stderr()
 
 
 def test_node_started_before_coordinator_waits_and_joins(tmp_path: Path, processes: ProcessGroup) -> None:

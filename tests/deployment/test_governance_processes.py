@@ -57,7 +57,7 @@ def _write_sites(root: Path) -> dict[str, Path]:
 def test_sites_approve_reject_and_refuse_and_both_audit_logs_agree(tmp_path: Path, processes: ProcessGroup) -> None:
     plan_path = write_plan(
         tmp_path / "plan.yaml", nodes=list(SITES), rounds=ROUNDS, min_nodes=1, evaluation={"every_rounds": ROUNDS},
-        approval={"wait_s": 20, "proceed": "with-approved"},
+        approval={"wait_s": 8, "proceed": "with-approved"},  # the sites answer within a second or two
     )  # fmt: skip
     digest = plan_hash(load_plan(plan_path))
     certs = tmp_path / "certs"
