@@ -32,8 +32,11 @@ browser:
 			|| echo "could not install chromium: the browser tests will skip"; \
 	else echo "chromium is missing and installing it needs root: the browser tests will skip"; fi
 
+# Two passes (see tests/conftest.py): what can share the cores, on a worker per core; then
+# the tests that need the machine to themselves (deployments, browsers, wall-clock assertions).
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not serial" -n auto --dist loadfile
+	$(PY) -m pytest -m serial
 
 bench: install
 	$(PY) benchmarks/sim_overhead.py

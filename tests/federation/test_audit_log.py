@@ -384,11 +384,12 @@ def test_cli_show_json_lists_the_last_entries(log_path):
     assert payload["entries"][0]["data"]["size_bytes"] == 1005
 
 
-def test_cli_show_prints_a_table_and_flags_a_broken_log(log_path):
+def test_cli_show_prints_a_table_and_flags_a_broken_log(log_path, console_columns):
     lines = lines_of(log_path)
     lines[6] = lines[6].replace(b"1006", b"1007")
     write_lines(log_path, lines)
-    out = CliRunner().invoke(app, ["audit", "show", str(log_path)], env={"COLUMNS": "200"})
+    console_columns(200)
+    out = CliRunner().invoke(app, ["audit", "show", str(log_path)])
     assert out.exit_code == 1
     assert "update_sent" in out.stdout and "size_bytes=1005" in out.stdout
     assert "TAMPERED" in out.stdout and "entry 6" in out.stdout

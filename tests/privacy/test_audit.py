@@ -259,9 +259,10 @@ def test_cli_json_prints_per_site_aucs(weak_run, tmp_path):
         assert 0.0 <= site["lira"]["auc"] <= 1.0
 
 
-def test_cli_prints_a_row_per_site(weak_run, tmp_path):
+def test_cli_prints_a_row_per_site(weak_run, tmp_path, console_columns):
     run = copy_run(weak_run[0], tmp_path)
-    out = CliRunner().invoke(app, ["audit-privacy", str(run), "--shadow-models", "2"], env={"COLUMNS": "160"})
+    console_columns(160)
+    out = CliRunner().invoke(app, ["audit-privacy", str(run), "--shadow-models", "2"])
     assert out.exit_code == 0, out.output
     for row in ("cleveland", "hungary", "switzerland", "va-long-beach", "mean of sites", "LiRA AUC"):
         assert row in out.stdout
