@@ -123,6 +123,11 @@ class Launched:
         return self.process.poll() is None
 
 
+def _default_sigint() -> None:
+    """In the child, before it runs: SIGINT back to its default (Python then raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ProcessGroup:
     """Starts ``fedcare`` commands as child processes and stops all of them at the end.
 
@@ -137,8 +142,15 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.launched: list[Launched] = []
 
-    def start(self, label: str, *args: str | Path, program: list[str] = FEDCARE) -> Launched:
-        """Start ``program`` (default: the ``fedcare`` command) with ``args``."""
+    def start(
+        self, label: str, *args: str | Path, program: list[str] = FEDCARE, interruptible: bool = False
+    ) -> Launched:
+        """Start ``program`` (default: the ``fedcare`` command) with ``args``.
+
+        With ``interruptible``, the child takes SIGINT as Ctrl-C even when this
+        suite was started in the background (a shell without job control starts
+        background commands ignoring SIGINT, and children inherit that).
+        """
         stdout_path = self.log_dir / f"{label}.out"
         stderr_path = self.log_dir / f"{label}.err"
         stdout = stdout_path.open("wb")
@@ -150,17 +162,19 @@ class ProcessGroup:
             stdin=subprocess.DEVNULL,
             env=child_env(),
             cwd=self.log_dir,
+            preexec_fn=_default_sigint if interruptible else None,
         )
         launched = Launched(label, process, stdout_path, stderr_path, (stdout, stderr))
         self.launched.append(launched)
         return launched
 
     def serve(self, label: str, layout: DemoLayout, *, listen: str = "127.0.0.1:0", out: Path | None = None,
-              wait_for_nodes_s: float = 120.0) -> Launched:
+              wait_for_nodes_s: float = 120.0, interruptible: bool = False) -> Launched:
         """``fedcare serve`` for ``layout``'s plan, writing to ``out`` (default: the layout's run directory)."""
         return self.start(
             label, "serve", layout.plan_path, "--listen", listen, "--certs", layout.certs_dir,
             "--out", out or layout.run_dir, "--wait-for-nodes-s", str(wait_for_nodes_s), "--json",
+            interruptible=interruptible,
         )
 
     def node(self, label: str, config: Path, *, port: int, certs_dir: Path, give_up_after_s: float | None = None) -> Launched:

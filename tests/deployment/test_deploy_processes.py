@@ -202,7 +202,7 @@ def kill_after_first_round(coordinator: Launched, run_dir: Path, victim: Launche
 
 def test_node_killed_mid_round_is_left_out_and_rejoins_after_restart(tmp_path: Path, processes: ProcessGroup) -> None:
     layout = deploy(tmp_path, rounds=KILL_TEST_ROUNDS, min_nodes=2, evaluation={"every_rounds": KILL_TEST_ROUNDS})
-    coordinator = processes.serve("coordinator", layout)
+    coordinator = processes.serve("coordinator", layout, interruptible=True)  # stopped with Ctrl-C below
     port = endpoint_port(coordinator, layout.run_dir)
     nodes = {site: processes.node(site, config, port=port, certs_dir=layout.certs_dir)
              for site, config in layout.node_configs.items()}
