@@ -192,9 +192,7 @@ def epsilon_spent(mechanisms: Sequence[Mechanism], *, delta: float, accountant: 
     if not history:
         return 0.0
     try:
-        with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
-            # log(0) in PRV's tails is expected; errstate is local to this thread.
-            epsilon = _compose(accountant, history, delta)
+        return _epsilon(accountant, history, delta)
     except FedcareError:
         raise
     except _PRVGridTooLarge as exc:
@@ -211,9 +209,6 @@ def epsilon_spent(mechanisms: Sequence[Mechanism], *, delta: float, accountant: 
             f"({type(exc).__name__}: {exc}); use accountant: {other}",
             field="privacy.accountant",
         ) from exc
-    if math.isnan(epsilon):
-        return math.inf  # fail closed: NaN would pass every budget comparison
-    return max(0.0, epsilon)
 
 
 def noise_multiplier_for(
@@ -350,15 +345,11 @@ def _pld_noise_search(
     small epsilon) the search runs again on the fine grid from there. One fine
     composition in the usual case, against about ten for a fine search.
     """
-    coarse_seen: dict[float, float] = {}
 
+    @functools.cache
     def coarse(sigma: float) -> float:
-        if sigma not in coarse_seen:
-            new = Mechanism(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, label=label)
-            with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
-                epsilon = _pld(_pooled((*prior, new)), delta, interval=_PLD_SEARCH_INTERVAL)
-            coarse_seen[sigma] = math.inf if math.isnan(epsilon) else max(0.0, epsilon)
-        return coarse_seen[sigma]
+        new = Mechanism(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, label=label)
+        return _epsilon("pld", _pooled((*prior, new)), delta, interval=_PLD_SEARCH_INTERVAL)
 
     try:
         # A wide first bracket from 1.0: the coarse grid is cheap enough not to need RDP's guess.
@@ -447,12 +438,19 @@ def _subsampled_gaussian_pld(noise_multiplier: float, sample_rate: float, interv
     )
 
 
-def _compose(accountant: str, history: _History, delta: float) -> float:
-    if accountant == "prv":
-        return _prv(history, delta)
-    if accountant == "rdp":
-        return _rdp(history, delta)
-    return _pld(history, delta)
+def _epsilon(accountant: str, history: _History, delta: float, *, interval: float = _PLD_INTERVAL) -> float:
+    """The accountant's epsilon for ``history`` (``interval``: PLD's grid), failing closed: NaN is ``inf``."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
+        # log(0) in PRV's tails is expected; errstate is local to this thread.
+        if accountant == "prv":
+            epsilon = _prv(history, delta)
+        elif accountant == "rdp":
+            epsilon = _rdp(history, delta)
+        else:
+            epsilon = _pld(history, delta, interval=interval)
+    if math.isnan(epsilon):
+        return math.inf  # NaN would pass every budget comparison
+    return max(0.0, epsilon)
 
 
 # -- helpers ---------------------------------------------------------------------------
