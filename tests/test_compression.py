@@ -9,7 +9,9 @@ import zlib
 
 import numpy as np
 import pytest
+import yaml
 
+from fedcare.cli import demo_plan_path
 from fedcare.compression import (
     COMPRESSED_TENSOR,
     ErrorFeedback,
@@ -314,18 +316,14 @@ def test_decode_refuses_nonzero_padding() -> None:
 
 def heart_plan(method: str) -> Any:
     """``plans/heart_disease.yaml`` without secure aggregation (compression is for plain updates)."""
+    canonical = yaml.safe_load(demo_plan_path(private=False).read_text(encoding="utf-8"))
     return parse_plan(
         {
+            **canonical,
             "name": "heart-disease-compressed",
-            "task": "tabular-logistic",
-            "dataset": {"name": "heart-disease", "normalization": "federated"},
-            "rounds": 30,
-            "min_nodes": 2,
-            "local": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "learning_rate": 0.01},
-            "strategy": {"name": "fedavg"},
+            "secure_aggregation": {"enabled": False},
             "evaluation": {"every_rounds": 30},
             "compression": {"method": method},
-            "seed": 0,
         }
     )
 

@@ -14,6 +14,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import yaml
+
+from fedcare.cli import demo_plan_path
 from fedcare.data.catalog import DatasetCatalog
 from fedcare.federation import Coordinator, Node
 from fedcare.federation.coordinator import RunResult
@@ -26,15 +29,10 @@ from fedcare.transport.inproc import InProcTransport
 #: The canonical heart-disease plan (src/fedcare/plans/heart_disease.yaml) without secure aggregation,
 #: which buffered rounds cannot use.
 HEART: dict[str, Any] = {
+    **yaml.safe_load(demo_plan_path(private=False).read_text(encoding="utf-8")),
     "name": "heart-buffered",
-    "task": "tabular-logistic",
-    "dataset": {"name": "heart-disease", "normalization": "federated"},
-    "rounds": 30,
-    "min_nodes": 2,
-    "local": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "learning_rate": 0.01},
-    "strategy": {"name": "fedavg"},
+    "secure_aggregation": {"enabled": False},
     "evaluation": {"every_rounds": 10},
-    "seed": 0,
 }
 
 
