@@ -71,6 +71,7 @@ __all__ = [
     "decompress",
     "topk_count",
     "topk_dense",
+    "topk_dense_mask",
 ]
 
 #: The one tensor of a compressed update: the payload bytes, carried bit for bit as float32.
@@ -126,6 +127,17 @@ def topk_dense(spec: ParameterSpec, *, fraction: float) -> tuple[bool, ...]:
     """
     k = topk_count(spec_size(spec), fraction=fraction)
     return tuple(int(np.prod(shape, dtype=np.int64)) <= k for _, shape in spec)
+
+
+def topk_dense_mask(spec: ParameterSpec, *, fraction: float) -> np.ndarray:
+    """:func:`topk_dense` per value: a flat boolean mask of the values top-k sends whole.
+
+    Examples
+    --------
+    >>> topk_dense_mask((("w", (2, 100)), ("b", (2,))), fraction=0.01).tolist()[-4:]
+    [False, False, True, True]
+    """
+    return _topk_layout(spec, fraction)[0]
 
 
 def _topk_layout(spec: ParameterSpec, fraction: float) -> tuple[np.ndarray, int]:

@@ -294,11 +294,49 @@ class CompressionConfig(_Section):
         ``topk``: the share of coordinates sent, in (0, 1] (default 0.01: 1 %).
     error_feedback : bool
         ``topk``: keep the coordinates left out at the site and send them later (default true).
+    refit_dense : bool, optional
+        ``topk``: after local training and the top-k selection, train the
+        tensors sent whole (biases, normalization, small heads) once more,
+        with the other tensors fixed at what is sent of them, so that they
+        fit the model the coordinator will see. It costs a second pass of the
+        local schedule. Default (unset): on for ``topk``, except with
+        record-level DP, where the second pass would train outside DP-SGD's
+        accounting and is refused.
     """
 
     method: Literal["none", "float16", "bfloat16", "int8", "topk"] = "none"
     topk_fraction: float = Field(default=0.01, gt=0, le=1)
     error_feedback: bool = True
+    refit_dense: bool | None = None
+
+    @model_validator(mode="after")
+    def _refit_needs_topk(self) -> CompressionConfig:
+        if self.refit_dense and self.method != "topk":
+            raise PydanticCustomError(
+                "refit_without_topk",
+                "compression.refit_dense refits the tensors top-k sends whole; it applies only to method: topk "
+                "(got {method}); remove it or set method: topk",
+                {"method": self.method, "loc": "refit_dense"},
+            )
+        return self
+
+    def refits(self, *, record_level_dp: bool) -> bool:
+        """Whether the sites refit the dense tensors: ``refit_dense``, or by default ``topk`` without record-level DP.
+
+        Examples
+        --------
+        >>> CompressionConfig(method="topk").refits(record_level_dp=False)
+        True
+        >>> CompressionConfig(method="topk").refits(record_level_dp=True)
+        False
+        >>> CompressionConfig(method="topk", refit_dense=False).refits(record_level_dp=False)
+        False
+        >>> CompressionConfig(method="int8").refits(record_level_dp=False)
+        False
+        """
+        if self.method != "topk":
+            return False
+        return (not record_level_dp) if self.refit_dense is None else self.refit_dense
 
 
 class SecureAggregationConfig(_Section):
@@ -708,6 +746,14 @@ class Plan(_Section):
                 "BatchNorm mixes the examples of a batch, which per-example gradients (DP-SGD) forbid; set "
                 "model.norm: group (or none) with record-level DP",
                 {"loc": "model.norm"},
+            )
+        if self.privacy.record_level.enabled and self.compression.refit_dense:
+            raise PydanticCustomError(
+                "refit_with_dp",
+                "compression.refit_dense trains the dense tensors a second time on the site's data, outside "
+                "DP-SGD's per-example accounting; set compression.refit_dense: false (or leave it unset) with "
+                "record-level DP",
+                {"loc": "compression.refit_dense"},
             )
         if self.privacy.record_level.enabled and self.local.class_weighting != "none":
             raise PydanticCustomError(

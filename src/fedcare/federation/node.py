@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcare.compression import ErrorFeedback, compress
+from fedcare.compression import ErrorFeedback, compress, decompress, topk_dense, topk_dense_mask
 from fedcare.data.normalization import Standardization, checked_bounds, feature_stats, unit_moments
 from fedcare.errors import ConfigError, FedcareError, ProtocolError
 from fedcare.federation.control_variates import NodeControlVariate
@@ -29,7 +30,7 @@ from fedcare.strategies.fednova import STEPS_KEY
 from fedcare.strategies.scaffold import CONTROL_DELTA_KEY, CONTROL_KEY
 from fedcare.tasks.base import SiteData, Task, TrainHook
 from fedcare.tasks.compute import ComputeSettings, TimeBudget, resolve_device, time_budget_seconds
-from fedcare.tasks.hooks import ProximalTerm
+from fedcare.tasks.hooks import ProximalTerm, trainable_only
 from fedcare.transport.base import NodeChannel
 
 __all__ = ["Node", "ProgressCallback", "RefusingNode", "TrainingProgress"]
@@ -390,25 +391,85 @@ class Node:
         training_metrics = (
             {**outcome.metrics, **personal_metrics} if "training_metrics" in self.policy.allowed_statistics else {}
         )
+        refit: Callable[[np.ndarray], np.ndarray] | None = None
+        if self.plan.compression.refits(record_level_dp=self.plan.privacy.record_level.enabled) and not (
+            budget is not None and budget.stopped  # out of time: the dense tensors go as trained
+        ):
+            refit = functools.partial(self._refit_dense, job.parameters, data, seed=seed, budget=budget)
+
         return self._answer(
             job,
-            update=self._compressed(delta, new.spec, run_id=job.run_id, seed=seed),
+            update=self._compressed(delta, new.spec, run_id=job.run_id, seed=seed, refit=refit),
             num_examples=outcome.num_examples,
             metrics={**training_metrics, **compute_metrics, **privacy_metrics},
             data=side,
         )
 
-    def _compressed(self, delta: np.ndarray, spec: Any, *, run_id: str, seed: int) -> Parameters:
-        """The update as the plan's ``compression`` packs it (DP noise, if any, is already in ``delta``)."""
+    def _compressed(
+        self,
+        delta: np.ndarray,
+        spec: Any,
+        *,
+        run_id: str,
+        seed: int,
+        refit: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> Parameters:
+        """The update as the plan's ``compression`` packs it (DP noise, if any, is already in ``delta``).
+
+        ``refit`` (top-k only) takes the decoded update as selected and returns
+        it with its dense tensors refitted; the sparse part, and so the
+        residual of error feedback, stay as selected.
+        """
         config = self.plan.compression
         if config.method == "none":
             return Parameters.from_flat(delta, spec)
         rng = np.random.default_rng([seed, _COMPRESSION_STREAM])  # int8's rounding: repeatable from the job
         if config.method == "topk" and config.error_feedback:
-            return self._feedback.compress(
+            packed = self._feedback.compress(
                 delta, spec, run_id=run_id, method=config.method, topk_fraction=config.topk_fraction, rng=rng
             )
-        return compress(delta, spec, method=config.method, topk_fraction=config.topk_fraction, rng=rng)
+        else:
+            packed = compress(delta, spec, method=config.method, topk_fraction=config.topk_fraction, rng=rng)
+        if refit is None or config.method != "topk":
+            return packed
+        sent = decompress(packed, spec, method="topk", topk_fraction=config.topk_fraction).flatten()
+        # At most k non-zero sparse values, all of them the ones selected: top-k picks the same again.
+        return compress(refit(sent), spec, method="topk", topk_fraction=config.topk_fraction)
+
+    def _refit_dense(
+        self, start: Parameters, data: SiteData, sent: np.ndarray, *, seed: int, budget: TimeBudget | None
+    ) -> np.ndarray:
+        """``sent`` with its dense tensors retrained on the model the coordinator will see of this update.
+
+        The model is set to the round's global weights plus the sparse part of
+        ``sent`` (the dense tensors back where training started), then the
+        plan's local schedule runs again with only the dense tensors trainable
+        (no strategy terms; the round's time budget still applies). Their
+        change is the dense part of the result; the sparse part is ``sent``'s.
+        """
+        spec = start.spec
+        fraction = self.plan.compression.topk_fraction
+        mask = topk_dense_mask(spec, fraction=fraction)
+        base = start.flatten()
+        # Through _model_with, so FedBN's site-kept normalization starts from the site's values, as in training.
+        model = self._model_with(Parameters.from_flat(np.where(mask, base, base + sent).astype(np.float32), spec))
+        if not hasattr(model, "named_parameters"):
+            raise ConfigError(
+                "compression.refit_dense retrains the dense tensors of a torch model; this task's model is not "
+                "one, set compression.refit_dense: false",
+                field="plan.compression.refit_dense",
+            )
+        dense_names = [name for (name, _), dense in zip(spec, topk_dense(spec, fraction=fraction), strict=True) if dense]
+        with trainable_only(model, dense_names):
+            self.task.train(model, data.train, self.plan, seed=seed, hooks=[] if budget is None else [budget])
+        refitted = self.task.get_parameters(model)
+        if self.plan.strategy.name == "fedbn":  # the site's own normalization, fitted to the body it sends
+            self._local_tensors = {name: refitted[name].copy() for name in self.task.local_parameter_names(model)}
+        delta = refitted.flatten()
+        np.subtract(delta, base, out=delta)
+        if not np.isfinite(delta[mask]).all():
+            raise ProtocolError("refitting the dense tensors produced non-finite weights; lower the learning rate")
+        return np.where(mask, delta, sent).astype(np.float32)
 
     def _evaluate(self, job: Job) -> JobResult:
         if job.parameters is None:

@@ -9,6 +9,8 @@ captured parameter objects, so a wrapper around the model (Opacus's
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from fedcare.errors import ConfigError
 from fedcare.params import Parameters
 from fedcare.tasks.base import TrainHook
 
-__all__ = ["ControlVariateCorrection", "ProximalTerm"]
+__all__ = ["ControlVariateCorrection", "ProximalTerm", "trainable_only"]
 
 
 def _trainable(model: Any) -> list[tuple[str, Any]]:
@@ -25,6 +27,43 @@ def _trainable(model: Any) -> list[tuple[str, Any]]:
     if named is None:
         raise ConfigError("this hook needs a torch.nn.Module model", field="task")
     return [(name, p) for name, p in named() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def trainable_only(model: Any, names: Collection[str]) -> Iterator[None]:
+    """Within the block, only the parameters named in ``names`` get gradients; the others stay as they are.
+
+    The others' ``requires_grad`` is off, so they get no gradient and
+    torch's optimizers skip them entirely (no weight decay, no momentum step).
+    Names of buffers (BatchNorm's running statistics) may be in ``names``;
+    buffers have no gradient and change only as the module itself changes
+    them. Every flag is restored on exit, even when the block fails.
+
+    Raises
+    ------
+    ConfigError
+        If ``model`` is not a torch module.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> with trainable_only(model, {"1.weight", "1.bias"}):
+    ...     [name for name, p in model.named_parameters() if p.requires_grad]
+    ['1.weight', '1.bias']
+    >>> all(p.requires_grad for p in model.parameters())
+    True
+    """
+    named = _trainable(model)
+    keep = set(names)
+    try:
+        for name, parameter in named:
+            if name not in keep:
+                parameter.requires_grad_(False)
+        yield
+    finally:
+        for _, parameter in named:
+            parameter.requires_grad_(True)
 
 
 class ProximalTerm(TrainHook):
