@@ -2,10 +2,12 @@
 
 For heart disease (``tabular-mlp``, 64 hidden units: 961 weights, FedAvg, the
 four FLamby hospitals) and PneumoniaMNIST (``image-cnn`` of
-``benchmarks/imaging.py``, five simulated hospitals), the same plan and seed
-run in simulation with ``compression.method`` none, float16, int8 and top-k 1 %
-(error feedback on). Reported per case, from the run's events (the lines of
-``metrics.jsonl``):
+``benchmarks/imaging.py``, five simulated hospitals, GroupNorm, Adam), the
+same plan runs in simulation with ``compression.method`` none, float16,
+int8 and top-k 1 % (error feedback on, dense tensors refitted: the default),
+and top-k 1 % without the refit, once per plan seed (0 to 4 by default).
+Reported per case, from the run's events (the lines of ``metrics.jsonl``), as
+means over the seeds:
 
 ``up B/round/site``
     Payload bytes a site uploads per training round (``round_end`` ``bytes``:
@@ -24,7 +26,11 @@ run in simulation with ``compression.method`` none, float16, int8 and top-k 1 %
     real 1 Mbit/s proxy.
 ``accuracy``, ``AUC``, ``loss pts``
     Pooled accuracy and ROC AUC on the sites' test splits after the last
-    round, and the accuracy lost against uncompressed, in percentage points.
+    round, and the accuracy lost against uncompressed, in percentage points;
+    ``per seed`` lists each seed's accuracy. One seed's accuracy moves by
+    several points with the decision threshold of the largest site (float16,
+    which changes an update by one part in 2,000, moves it by a point), so
+    the goals are judged on the mean.
 
 Goals: int8 cuts the upload 4x at no more than 0.5 points of accuracy; top-k
 1 % with error feedback cuts it 20x or more at no more than 1 point.
@@ -33,7 +39,7 @@ Usage::
 
     .venv/bin/python benchmarks/bandwidth.py                  # both datasets
     .venv/bin/python benchmarks/bandwidth.py --datasets heart  # seconds
-    .venv/bin/python benchmarks/bandwidth.py --pneumonia-rounds 5 --out /tmp/bandwidth.json
+    .venv/bin/python benchmarks/bandwidth.py --pneumonia-rounds 5 --seeds 0 --out /tmp/bandwidth.json
 
 Results go to ``benchmarks/results/bandwidth.json`` (or ``--out``).
 """
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -63,13 +70,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "float16": {"method": "float16"},
     "int8": {"method": "int8"},
     "topk 1%": {"method": "topk", "topk_fraction": 0.01, "error_feedback": True},
+    "topk 1% no refit": {"method": "topk", "topk_fraction": 0.01, "error_feedback": True, "refit_dense": False},
 }
 #: Method label -> (least upload ratio, most accuracy points lost).
 GOALS = {"int8": (4.0, 0.5), "topk 1%": (20.0, 1.0)}
 LINK_BYTES_PER_S = 125_000  # 1 Mbit/s
 
 
-def heart_plan(*, rounds: int, compression: dict[str, Any]) -> Plan:
+def heart_plan(*, rounds: int, compression: dict[str, Any], seed: int = 0) -> Plan:
     """``plans/heart_disease.yaml``'s federation with a 64-unit MLP and no secure aggregation."""
     return parse_plan(
         {
@@ -83,16 +91,16 @@ def heart_plan(*, rounds: int, compression: dict[str, Any]) -> Plan:
             "strategy": {"name": "fedavg"},
             "evaluation": {"every_rounds": rounds},
             "compression": compression,
-            "seed": 0,
+            "seed": seed,
         }
     )
 
 
-def pneumonia_plan(*, rounds: int, compression: dict[str, Any]) -> Plan:
+def pneumonia_plan(*, rounds: int, compression: dict[str, Any], seed: int = 0) -> Plan:
     """``benchmarks/imaging.py``'s FedAvg plan (width 16, GroupNorm) with ``compression``."""
     from imaging import make_plan  # the imaging benchmark's own plan
 
-    plan = make_plan(rounds=rounds, norm="group")
+    plan = make_plan(rounds=rounds, norm="group", seed=seed)
     return parse_plan({**plan.model_dump(mode="json", exclude_unset=True), "compression": compression})
 
 
@@ -125,18 +133,38 @@ def run_case(plan: Plan) -> dict[str, Any]:
     }
 
 
-def run(*, datasets: Sequence[str], heart_rounds: int, pneumonia_rounds: int) -> dict[str, Any]:
+def _mean_over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the runs of each seed: numbers averaged, each seed's run kept under ``seeds``."""
+    row: dict[str, Any] = {"seeds": list(runs)}
+    for key, value in runs[0].items():
+        if key == "seed":
+            continue
+        if isinstance(value, dict):
+            row[key] = {n: statistics.fmean(run[key][n] for run in runs) for n in value}
+        elif isinstance(value, int | float) and all(run[key] is not None for run in runs):
+            row[key] = statistics.fmean(run[key] for run in runs)
+        else:
+            row[key] = value
+    return row
+
+
+def run(
+    *, datasets: Sequence[str], heart_rounds: int, pneumonia_rounds: int, seeds: Sequence[int] = (0, 1, 2, 3, 4)
+) -> dict[str, Any]:
     cases: dict[str, dict[str, Any]] = {}
     for dataset in datasets:
         rows: dict[str, Any] = {}
         for label, compression in METHODS.items():
-            if dataset == "heart":
-                plan = heart_plan(rounds=heart_rounds, compression=compression)
-            else:
-                plan = pneumonia_plan(rounds=pneumonia_rounds, compression=compression)
-            rows[label] = run_case(plan)
-            print(f"{dataset} {label}: {json.dumps({k: v for k, v in rows[label].items() if not isinstance(v, dict)})}",
-                  file=sys.stderr, flush=True)
+            runs = []
+            for seed in seeds:
+                if dataset == "heart":
+                    plan = heart_plan(rounds=heart_rounds, compression=compression, seed=seed)
+                else:
+                    plan = pneumonia_plan(rounds=pneumonia_rounds, compression=compression, seed=seed)
+                runs.append({"seed": seed, **run_case(plan)})
+                summary = {k: v for k, v in runs[-1].items() if not isinstance(v, dict)}
+                print(f"{dataset} {label}: {json.dumps(summary)}", file=sys.stderr, flush=True)
+            rows[label] = _mean_over_seeds(runs)
         plain = rows["none"]
         for label, row in rows.items():
             row["upload_ratio"] = plain["up_bytes_per_round_mean"] / row["up_bytes_per_round_mean"]
@@ -145,13 +173,13 @@ def run(*, datasets: Sequence[str], heart_rounds: int, pneumonia_rounds: int) ->
                 least_ratio, most_loss = GOALS[label]
                 row["meets_goal"] = row["upload_ratio"] >= least_ratio and row["accuracy_loss_points"] <= most_loss
         cases[dataset] = {"rounds": heart_rounds if dataset == "heart" else pneumonia_rounds, "methods": rows}
-    return {"benchmark": "bandwidth", "goals": GOALS, "link_bytes_per_s": LINK_BYTES_PER_S,
+    return {"benchmark": "bandwidth", "goals": GOALS, "link_bytes_per_s": LINK_BYTES_PER_S, "seeds": list(seeds),
             "machine": machine_info(), "cases": cases}  # fmt: skip
 
 
 def render(payload: dict[str, Any]) -> str:
     headers = ["dataset", "rounds", "method", "up B/round/site", "ratio", "update ratio", "round s @1Mbit", "accuracy", "AUC",
-               "loss pts", "goal"]  # fmt: skip
+               "loss pts", "goal", "per seed"]  # fmt: skip
     rows = []
     for dataset, case in payload["cases"].items():
         for label, row in case["methods"].items():
@@ -161,6 +189,7 @@ def render(payload: dict[str, Any]) -> str:
                 f"{row['update_ratio']:.2f}x",
                 f"{row['round_s_at_1mbit']:.2f}", f"{row['accuracy']:.4f}",
                 "" if row["roc_auc"] is None else f"{row['roc_auc']:.4f}", f"{row['accuracy_loss_points']:+.2f}", goal,
+                " / ".join(f"{run['accuracy']:.3f}" for run in row["seeds"]),
             ])  # fmt: skip
     return format_table(headers, rows)
 
@@ -170,9 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=("heart", "pneumonia"), default=["heart", "pneumonia"])
     parser.add_argument("--heart-rounds", type=int, default=30)
     parser.add_argument("--pneumonia-rounds", type=int, default=30)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="plan seeds; results are their means")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    payload = run(datasets=args.datasets, heart_rounds=args.heart_rounds, pneumonia_rounds=args.pneumonia_rounds)
+    payload = run(datasets=args.datasets, heart_rounds=args.heart_rounds, pneumonia_rounds=args.pneumonia_rounds,
+                  seeds=args.seeds)  # fmt: skip
     if args.out is None:
         path = write_results("bandwidth", payload)
     else:

@@ -1,0 +1,35 @@
+"""Shortened benchmarks/bandwidth.py: heart disease, two seeds, every compression method."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bandwidth.py"
+
+
+def test_bandwidth_benchmark_reports_each_method_as_the_mean_over_its_seeds(tmp_path: Path) -> None:
+    out = tmp_path / "bandwidth.json"
+    command = [sys.executable, str(SCRIPT), "--datasets", "heart", "--heart-rounds", "4", "--seeds", "0", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(out.read_text(encoding="utf-8"))
+
+    assert payload["seeds"] == [0, 1]
+    rows = payload["cases"]["heart"]["methods"]
+    assert list(rows) == ["none", "float16", "int8", "topk 1%", "topk 1% no refit"]
+    for label, row in rows.items():
+        assert [run["seed"] for run in row["seeds"]] == [0, 1], label
+        assert row["accuracy"] == statistics.fmean(run["accuracy"] for run in row["seeds"]), label
+        assert row["failures"] == 0, label
+    # The 961-weight MLP: float16 halves the update, int8 deflated is past 4x, top-k 1 % past 20x with or without refit.
+    assert 1.9 < rows["float16"]["upload_ratio"] < 2.0
+    assert rows["int8"]["upload_ratio"] > 4.0
+    assert rows["topk 1%"]["upload_ratio"] > 20 and rows["topk 1% no refit"]["upload_ratio"] > 20
+    assert rows["none"]["accuracy"] > 0.7
+    assert rows["int8"]["meets_goal"] == (rows["int8"]["accuracy_loss_points"] <= 0.5)
+    assert "per seed" in result.stdout and "topk 1% no refit" in result.stdout
