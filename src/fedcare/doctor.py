@@ -16,13 +16,16 @@ data paths or records.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
 import shutil
+import math
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckResult",
+    "ClockReading",
     "check_accelerator",
     "check_certificates",
     "check_clock",
@@ -52,6 +56,10 @@ Status = Literal["ok", "warn", "fail", "skip"]
 
 #: Warn when the node's certificate expires within this many days.
 EXPIRY_WARNING_DAYS = 14
+#: A clock this many seconds from the coordinator's (at least, after the call's round trip) is a warning ...
+CLOCK_WARN_S = 60.0
+#: ... and this many a failure: certificates, audit logs and ledgers all read the clock.
+CLOCK_FAIL_S = 300.0
 #: Warn below this much free disk where the node writes (bytes), fail below a tenth of it.
 MIN_FREE_BYTES = 2 * 1024**3
 
@@ -124,7 +132,32 @@ def failure_error(results: Sequence[CheckResult]) -> FedcareError | None:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.fromtimestamp(_wall_time(), dt.timezone.utc)
+
+
+def _wall_time() -> float:
+    """This machine's clock, seconds since the epoch (one place, so tests can set it wrong)."""
+    return time.time()
+
+
+@dataclass(frozen=True)
+class ClockReading:
+    """This machine's clock against the coordinator's, read from one heartbeat.
+
+    The coordinator stamps its time on every heartbeat reply, refusals
+    included (:data:`fedcare.transport.wire.TIME_METADATA_KEY`); the reading
+    takes it as the coordinator's time at the middle of the call.
+
+    Attributes
+    ----------
+    offset_s : float
+        This machine's clock minus the coordinator's, in seconds (positive: ahead).
+    uncertainty_s : float
+        Half the call's round trip: the true offset is within this of ``offset_s``.
+    """
+
+    offset_s: float
+    uncertainty_s: float
 
 
 def check_certificates(certs_dir: Path, *, name: str, now: dt.datetime | None = None) -> list[CheckResult]:
@@ -238,15 +271,21 @@ def check_certificates(certs_dir: Path, *, name: str, now: dt.datetime | None = 
 
 
 def check_clock(
-    references: Sequence[tuple[str, dt.datetime]], *, now: dt.datetime | None = None
+    references: Sequence[tuple[str, dt.datetime]],
+    *,
+    now: dt.datetime | None = None,
+    coordinator: ClockReading | None = None,
 ) -> CheckResult:
-    """Check this machine's clock against times signed elsewhere: it must not read before any of them.
+    """Check this machine's clock: not before any time signed elsewhere, and close to the coordinator's.
 
-    The coordinator sends no time of its own, so the references are the
-    start of validity of certificates issued on the CA's machine (the
-    node's, the CA's, the coordinator's as seen in the TLS handshake). A
-    clock behind them shows; a clock running ahead shows only as a
-    certificate expiring early.
+    The references are the start of validity of certificates issued on the
+    CA's machine (the node's, the CA's, the coordinator's as seen in the TLS
+    handshake): a clock behind any of them fails. ``coordinator`` is the
+    coordinator's own clock as a heartbeat read it, which shows a clock
+    running ahead as well as behind: more than :data:`CLOCK_WARN_S` seconds
+    apart (after the round trip's uncertainty) is a warning, more than
+    :data:`CLOCK_FAIL_S` a failure. Without it (the coordinator was not
+    reached) a clock running ahead goes unseen.
 
     Parameters
     ----------
@@ -254,6 +293,8 @@ def check_clock(
         What each time is and the time (timezone-aware).
     now : datetime, optional
         This machine's time (default: its clock).
+    coordinator : ClockReading, optional
+        The coordinator's clock as read by the doctor's heartbeat.
 
     Examples
     --------
@@ -262,9 +303,17 @@ def check_clock(
     'fail'
     >>> check_clock([("the node's certificate", ref)], now=ref + dt.timedelta(days=2)).status
     'ok'
+    >>> later = ref + dt.timedelta(days=2)
+    >>> ahead = check_clock([("the node's certificate", ref)], now=later, coordinator=ClockReading(600.0, 0.01))
+    >>> ahead.status, ahead.message
+    ('fail', "this machine's clock is 10 minute(s) ahead of the coordinator's")
+    >>> check_clock([], now=later, coordinator=ClockReading(-90.0, 0.01)).status
+    'warn'
+    >>> check_clock([], now=later, coordinator=ClockReading(2.0, 0.01)).message
+    "2030-01-03 00:00 UTC, within 2 s of the coordinator's clock"
     """
     now = now or _now()
-    if not references:
+    if not references and coordinator is None:
         return CheckResult("clock", "skip", "nothing to compare with (no readable certificate)", area="clock")
     behind = [(what, when) for what, when in references if now < when]
     if behind:
@@ -275,10 +324,22 @@ def check_clock(
             "it is behind by at least " + _duration(when - now),
             "set the clock right and keep it synchronised (NTP: timedatectl set-ntp true)", area="clock",
         )  # fmt: skip
+    if coordinator is not None:
+        apart = abs(coordinator.offset_s) - coordinator.uncertainty_s  # at least this far apart
+        if apart > CLOCK_WARN_S:
+            direction = "ahead of" if coordinator.offset_s > 0 else "behind"
+            return CheckResult(
+                "clock", "fail" if apart > CLOCK_FAIL_S else "warn",
+                f"this machine's clock is {_duration(dt.timedelta(seconds=round(apart)))} {direction} the coordinator's",
+                "set the clock right and keep it synchronised (NTP: timedatectl set-ntp true); if this machine's "
+                "clock is right, tell the federation's operator that the coordinator's is not", area="clock",
+            )  # fmt: skip
+        within = max(round(abs(coordinator.offset_s) + coordinator.uncertainty_s), 1)
+        return CheckResult("clock", "ok", f"{now:%Y-%m-%d %H:%M} UTC, within {within} s of the coordinator's clock", area="clock")
     checked = ", ".join(what for what, _ in references)
     return CheckResult(
         "clock", "ok",
-        f"{now:%Y-%m-%d %H:%M} UTC, after {checked} (the coordinator sends no time: a clock running ahead is not detected)",
+        f"{now:%Y-%m-%d %H:%M} UTC, after {checked} (the coordinator was not reached: a clock running ahead is not detected)",
         area="clock",
     )  # fmt: skip
 
@@ -334,7 +395,7 @@ def _host_matches(host: str, names: Sequence[str]) -> bool:
 
 def check_coordinator(
     address: str | None, *, certs_dir: Path, name: str, timeout_s: float = 5.0
-) -> tuple[list[CheckResult], x509.Certificate | None]:
+) -> tuple[list[CheckResult], x509.Certificate | None, ClockReading | None]:
     """Reach the coordinator as the node would: TCP, then TLS with the site's certificate, then admission.
 
     Parameters
@@ -350,14 +411,15 @@ def check_coordinator(
 
     Returns
     -------
-    (list of CheckResult, certificate or None)
+    (list of CheckResult, certificate or None, ClockReading or None)
         ``coordinator address``, ``coordinator tcp``, ``coordinator tls``,
-        ``coordinator name``, ``coordinator admission``; and the
-        coordinator's certificate when the handshake got it (for the clock).
+        ``coordinator name``, ``coordinator admission``; the coordinator's
+        certificate when the handshake got it, and its clock when the
+        admission heartbeat got an answer (both for the clock check).
 
     Examples
     --------
-    >>> results, _ = check_coordinator("nowhere", certs_dir=Path("certs"), name="a")
+    >>> results, _, _ = check_coordinator("nowhere", certs_dir=Path("certs"), name="a")
     >>> results[0].check, results[0].status
     ('coordinator address', 'fail')
     """
@@ -367,13 +429,13 @@ def check_coordinator(
         return [CheckResult(
             "coordinator", "skip", "no coordinator address to check",
             "give --coordinator HOST:PORT, or set coordinator: in node.yaml", area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     parsed = _split_address(address)
     if parsed is None:
         return [CheckResult(
             "coordinator address", "fail", f"{address!r} is not HOST:PORT",
             "write it as e.g. fl.example.org:7443", area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     host, port = parsed
     results = [CheckResult("coordinator address", "ok", f"{host}:{port}", area="coordinator")]
     try:
@@ -382,19 +444,19 @@ def check_coordinator(
         return [*results, CheckResult(
             "coordinator tcp", "fail", f"the name {host} does not resolve",
             "check the spelling of the coordinator's address, or this machine's DNS", area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     except ConnectionRefusedError:
         return [*results, CheckResult(
             "coordinator tcp", "fail", f"nothing is listening on {host}:{port} (connection refused)",
             "check the address and port with the federation's operator, and that the coordinator is running",
             area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     except OSError as exc:
         what = "no answer (timed out)" if isinstance(exc, TimeoutError) else f"cannot connect ({exc.strerror or exc})"
         return [*results, CheckResult(
             "coordinator tcp", "fail", f"{host}:{port}: {what}",
             "a firewall may block the outbound port: ask IT to allow outgoing TCP to it", area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     results.append(CheckResult("coordinator tcp", "ok", f"{host}:{port} accepts connections", area="coordinator"))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # checked below, to tell a name mismatch apart from an untrusted certificate
@@ -405,7 +467,7 @@ def check_coordinator(
         raw.close()
         return [*results, CheckResult(
             "coordinator tls", "skip", "not checked: the certificate files cannot be used", area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     context.set_alpn_protocols(["h2"])
     server: x509.Certificate | None = None
     try:
@@ -426,24 +488,24 @@ def check_coordinator(
             "coordinator tls", "fail", f"the coordinator's certificate is not trusted: {exc.verify_message}",
             "this may not be the federation's coordinator; check the address, and that ca.pem is this federation's",
             area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     except ssl.SSLError as exc:
         reason = (exc.reason or str(exc)).replace("_", " ").lower()
         return [*results, CheckResult(
             "coordinator tls", "fail", f"the coordinator refused this site's certificate ({reason})",
             "the certificate may be expired, revoked or from another CA: ask the federation's operator", area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     except OSError as exc:
         return [*results, CheckResult(
             "coordinator tls", "fail", f"the TLS handshake failed ({exc.strerror or exc})",
             "something on the way may not speak TLS (a proxy?): check the port with the federation's operator",
             area="coordinator",
-        )], None  # fmt: skip
+        )], None, None  # fmt: skip
     if refused:
         return [*results, CheckResult(
             "coordinator tls", "fail", "the coordinator refused this site's certificate (it closed the connection)",
             "the certificate may be expired, revoked or from another CA: ask the federation's operator", area="coordinator",
-        )], server  # fmt: skip
+        )], server, None  # fmt: skip
     results.append(CheckResult("coordinator tls", "ok", "TLS handshake with this site's certificate", area="coordinator"))
     names = _names_in(server) if server is not None else []
     if not _host_matches(host, names):
@@ -453,19 +515,23 @@ def check_coordinator(
             f"dial one of those names, or ask the operator to reissue the server certificate with --host {host}",
             area="coordinator",
         ))  # fmt: skip
-        return results, server
+        return results, server, None
     results.append(CheckResult("coordinator name", "ok", f"the coordinator's certificate names {host}", area="coordinator"))
-    results.append(_check_admission(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
-                                    certs_dir=certs_dir, name=name, timeout_s=timeout_s))  # fmt: skip
-    return results, server
+    admission, clock = _check_admission(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
+                                        certs_dir=certs_dir, name=name, timeout_s=timeout_s)  # fmt: skip
+    results.append(admission)
+    return results, server, clock
 
 
-def _check_admission(target: str, *, certs_dir: Path, name: str, timeout_s: float) -> CheckResult:
+def _check_admission(
+    target: str, *, certs_dir: Path, name: str, timeout_s: float
+) -> tuple[CheckResult, ClockReading | None]:
     """Ask the coordinator, read-only, whether it admits this node: a heartbeat outside any run.
 
     A coordinator answers a heartbeat from a node that has not joined with
     FAILED_PRECONDITION, after checking its certificate (CA, validity,
-    revocation, the plan's nodes); a refusal is PERMISSION_DENIED.
+    revocation, the plan's nodes); a refusal is PERMISSION_DENIED. Either
+    answer carries the coordinator's clock, read here for the clock check.
     """
     import grpc
 
@@ -478,24 +544,51 @@ def _check_admission(target: str, *, certs_dir: Path, name: str, timeout_s: floa
         certificate_chain=(certs_dir / f"{name}.pem").read_bytes(),
     )
     with grpc.secure_channel(target, credentials) as channel:
+        stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
+        # Connect first, so that the round trip timed below is the call's alone, not the TLS handshake's.
+        with contextlib.suppress(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        sent = _wall_time()
         try:
-            stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
-            stub.Heartbeat(pb.HeartbeatRequest(run_id=""), timeout=timeout_s)
+            _, call = stub.Heartbeat.with_call(pb.HeartbeatRequest(run_id=""), timeout=timeout_s)
+            clock = _clock_reading(call.trailing_metadata(), sent, _wall_time())
         except grpc.RpcError as error:
+            clock = _clock_reading(error.trailing_metadata(), sent, _wall_time())
             code, details = error.code(), error.details() or ""
             if code == grpc.StatusCode.FAILED_PRECONDITION:
-                return CheckResult("coordinator admission", "ok", f"the coordinator admits {name} (not in a run yet)", area="admission")
+                return CheckResult(
+                    "coordinator admission", "ok", f"the coordinator admits {name} (not in a run yet)", area="admission"
+                ), clock
             if code == grpc.StatusCode.PERMISSION_DENIED:
                 return CheckResult(
                     "coordinator admission", "fail", f"the coordinator refuses {name}: {details.removeprefix('refused: ')}",
                     f"ask the federation's operator to admit {name} (the plan's nodes) or to issue a fresh certificate",
                     area="admission",
-                )  # fmt: skip
+                ), clock  # fmt: skip
             return CheckResult(
                 "coordinator admission", "warn", f"the coordinator did not answer ({code.name.lower()}: {details[:200]})",
                 "try again when the coordinator runs a federation", area="coordinator",
-            )  # fmt: skip
-    return CheckResult("coordinator admission", "ok", f"the coordinator admits {name}", area="admission")
+            ), clock  # fmt: skip
+    return CheckResult("coordinator admission", "ok", f"the coordinator admits {name}", area="admission"), clock
+
+
+def _clock_reading(
+    trailers: Sequence[tuple[str, str | bytes]] | None, sent: float, received: float
+) -> ClockReading | None:
+    """The coordinator's clock from a reply's trailing metadata; None if it sent none (or nonsense)."""
+    from fedcare.transport.wire import TIME_METADATA_KEY
+
+    for key, value in trailers or ():
+        if key != TIME_METADATA_KEY:
+            continue
+        try:
+            coordinator = float(value)
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(coordinator):
+            return None
+        return ClockReading(offset_s=(sent + received) / 2 - coordinator, uncertainty_s=(received - sent) / 2)
+    return None
 
 
 # -- data, disk, accelerator --------------------------------------------------------------------
@@ -676,7 +769,9 @@ def diagnose(
     config: NodeConfig = load_node_config(path)
     certs = Path(certs_dir) if certs_dir is not None else config.certs_dir or path.resolve().parent / "certs"
     results = check_certificates(certs, name=config.name)
-    network, server = check_coordinator(coordinator or config.coordinator, certs_dir=certs, name=config.name, timeout_s=timeout_s)
+    network, server, clock = check_coordinator(
+        coordinator or config.coordinator, certs_dir=certs, name=config.name, timeout_s=timeout_s
+    )
     references: list[tuple[str, dt.datetime]] = []
     for label, file in (("the node's certificate", certs / f"{config.name}.pem"), ("the federation CA", certs / "ca.pem")):
         try:
@@ -686,7 +781,7 @@ def diagnose(
     if server is not None:
         references.append(("the coordinator's certificate", server.not_valid_before_utc))
     results += network
-    results.append(check_clock(references))
+    results.append(check_clock(references, coordinator=clock))
     results += check_data(path, plan=plan)
     writes = [p for p in (config.ledger_dir, config.state_dir, config.approvals_dir, config.audit_log) if p is not None]
     results += check_disk(writes, min_free_bytes=min_free_bytes)

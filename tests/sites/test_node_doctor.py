@@ -94,6 +94,8 @@ def test_a_healthy_site_passes_every_check(site: Path) -> None:
     for check in ("certificate validity", "coordinator tls", "coordinator admission", "clock", "data chest-xray",
                   "labels chest-xray", "disk", "accelerator"):  # fmt: skip
         assert check in statuses
+    clock = next(c for c in report["checks"] if c["check"] == "clock")
+    assert "of the coordinator's clock" in clock["message"]  # read from the real coordinator's heartbeat reply
 
 
 def test_an_expired_certificate_is_named_and_the_coordinator_refuses_it(site: Path, federation: Federation) -> None:
@@ -196,9 +198,46 @@ def test_a_clock_behind_the_certificates_is_named(federation: Federation) -> Non
     assert behind.status == "fail" and "behind by at least 3 days" in behind.message and "NTP" in behind.fix
 
 
+@pytest.mark.parametrize(
+    ("skew_s", "status", "words"),
+    [(600.0, "fail", "10 minute(s) ahead of the coordinator's"), (150.0, "warn", "2 minute(s) ahead of the coordinator's")],
+)
+def test_a_clock_running_ahead_of_the_coordinator_is_named(
+    site: Path, monkeypatch: pytest.MonkeyPatch, skew_s: float, status: str, words: str
+) -> None:
+    """Certificates cannot show a clock running ahead; the coordinator's own clock, on its heartbeat reply, does."""
+    import time
+
+    import fedcare.doctor
+
+    monkeypatch.setattr(fedcare.doctor, "_wall_time", lambda: time.time() + skew_s)
+    results = diagnose(site)
+    clock = _by_check(results)["clock"]
+    assert clock.status == status and words in clock.message and "NTP" in clock.fix
+    assert [r.check for r in results if r.status != "ok"] == ["clock"]  # the certificates still read as valid
+
+
+def test_a_refused_node_still_reads_the_coordinators_clock(federation: Federation) -> None:
+    from fedcare.doctor import check_coordinator
+
+    results, _, clock = check_coordinator(federation.address, certs_dir=federation.ca, name="stranger")
+    assert _by_check(results)["coordinator admission"].status == "fail"
+    assert clock is not None and abs(clock.offset_s) < 5 and 0 <= clock.uncertainty_s < 5
+
+
 def test_low_free_disk_is_a_warning_then_a_failure(tmp_path: Path) -> None:
     import shutil as sh
 
     free = sh.disk_usage(tmp_path).free
     assert check_disk([tmp_path / "ledger"], min_free_bytes=free * 2)[0].status == "warn"
     assert check_disk([tmp_path / "ledger"], min_free_bytes=free * 20)[0].status == "fail"
+
+
+def test_a_clock_reading_takes_the_middle_of_the_call_and_ignores_nonsense() -> None:
+    from fedcare.doctor import _clock_reading
+
+    reading = _clock_reading((("other", "1"), ("fedcare-time", "1000.0")), 1100.0, 1102.0)
+    assert reading is not None and reading.offset_s == 101.0 and reading.uncertainty_s == 1.0
+    for value in ("nan", "inf", "soon", ""):
+        assert _clock_reading((("fedcare-time", value),), 0.0, 1.0) is None
+    assert _clock_reading((), 0.0, 1.0) is None and _clock_reading(None, 0.0, 1.0) is None

@@ -32,7 +32,14 @@ from fedcare.transport import pki
 from fedcare.transport.base import Transport
 from fedcare.transport.proto import fedcare_pb2 as pb
 from fedcare.transport.proto import fedcare_pb2_grpc as pb_grpc
-from fedcare.transport.wire import DEFAULT_CHUNK_BYTES, Payload, job_header, receive_buffer, result_from_header
+from fedcare.transport.wire import (
+    DEFAULT_CHUNK_BYTES,
+    TIME_METADATA_KEY,
+    Payload,
+    job_header,
+    receive_buffer,
+    result_from_header,
+)
 
 __all__ = ["GrpcTransport", "HandshakeLogMonitor", "grpc_options"]
 
@@ -615,6 +622,9 @@ class _Servicer(pb_grpc.FederationServicer):
         return pb.UploadReply(received_bytes=upload.received, complete=True)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:  # noqa: N802
+        # The coordinator's clock, in the trailers so that a refusal carries it too: `fedcare node
+        # doctor` measures the site's clock against it, both ways (a certificate shows only a clock behind).
+        context.set_trailing_metadata(((TIME_METADATA_KEY, f"{time.time():.3f}"),))
         state = self.t._admit(context)
         self.t._carry_on(state, request.run_id, context)
         if request.status:

@@ -23,6 +23,7 @@ from fedcare.transport.proto import fedcare_pb2 as pb
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "MAX_CONFIG_BYTES",
+    "TIME_METADATA_KEY",
     "Payload",
     "job_header",
     "job_from_header",
@@ -37,6 +38,9 @@ __all__ = [
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: Upper bound on a job's JSON config (bytes); checked before parsing.
 MAX_CONFIG_BYTES = 1 << 20
+#: Trailing metadata of every heartbeat reply, refusals included: the coordinator's clock as seconds
+#: since the epoch (UTC), which ``fedcare node doctor`` compares this machine's clock with.
+TIME_METADATA_KEY = "fedcare-time"
 #: Upper bound on a safetensors header (bytes), as the safetensors library sets it.
 _MAX_HEADER_BYTES = 100_000_000
 _FLOAT32_LE = np.dtype("<f4")
