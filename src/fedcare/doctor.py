@@ -46,6 +46,7 @@ __all__ = [
     "check_certificates",
     "check_clock",
     "check_coordinator",
+    "check_coordinator_pin",
     "check_data",
     "check_disk",
     "diagnose",
@@ -523,6 +524,42 @@ def check_coordinator(
     return results, server, clock
 
 
+def check_coordinator_pin(server: x509.Certificate | None, *, pinned: str | None) -> CheckResult | None:
+    """Check the coordinator's certificate against the policy's ``coordinator_fingerprint``, if the site pins one.
+
+    A node refuses a coordinator whose certificate is not the pinned one (a
+    rotated server certificate, or another coordinator), so this names it
+    before the node is started. None when nothing is pinned.
+
+    Parameters
+    ----------
+    server : x509.Certificate, optional
+        The certificate the coordinator presented in the TLS handshake (None: not reached).
+    pinned : str, optional
+        The policy's ``coordinator_fingerprint`` (SHA-256, lower-case hex).
+    """
+    if pinned is None:
+        return None
+    if server is None:
+        return CheckResult(
+            "coordinator pin", "skip", "not checked: the coordinator's certificate was not received", area="admission"
+        )
+    from cryptography.hazmat.primitives import hashes
+
+    seen = server.fingerprint(hashes.SHA256()).hex()
+    if seen == pinned:
+        return CheckResult("coordinator pin", "ok", f"the coordinator's certificate is the pinned one ({pinned[:16]}...)",
+                           area="admission")  # fmt: skip
+    return CheckResult(
+        "coordinator pin", "fail",
+        f"the coordinator's certificate has SHA-256 {seen[:16]}..., not the pinned {pinned[:16]}...: the node would "
+        "refuse this coordinator",
+        "if the federation's operator rotated the server certificate, confirm its new fingerprint with them "
+        "(fedcare certs fingerprint) and update policy.coordinator_fingerprint in node.yaml; otherwise check the "
+        "coordinator's address", area="admission",
+    )  # fmt: skip
+
+
 def _check_admission(
     target: str, *, certs_dir: Path, name: str, timeout_s: float
 ) -> tuple[CheckResult, ClockReading | None]:
@@ -781,6 +818,9 @@ def diagnose(
     if server is not None:
         references.append(("the coordinator's certificate", server.not_valid_before_utc))
     results += network
+    pin = check_coordinator_pin(server, pinned=config.policy.coordinator_fingerprint)
+    if pin is not None:
+        results.append(pin)
     results.append(check_clock(references, coordinator=clock))
     results += check_data(path, plan=plan)
     writes = [p for p in (config.ledger_dir, config.state_dir, config.approvals_dir, config.audit_log) if p is not None]

@@ -217,6 +217,23 @@ def test_a_clock_running_ahead_of_the_coordinator_is_named(
     assert [r.check for r in results if r.status != "ok"] == ["clock"]  # the certificates still read as valid
 
 
+def test_a_coordinator_pin_is_checked_and_a_wrong_one_named(site: Path, federation: Federation) -> None:
+    import yaml
+
+    right = pki.certificate_sha256((federation.ca / "server.pem").read_bytes())
+    for pinned, status in ((right, "ok"), ("ab" * 32, "fail")):
+        config = yaml.safe_load(site.read_text())
+        config.setdefault("policy", {})["coordinator_fingerprint"] = pinned
+        site.write_text(yaml.safe_dump(config))
+        results = diagnose(site)
+        pin = _by_check(results)["coordinator pin"]
+        assert pin.status == status, pin
+        assert _failed(results) == ([] if status == "ok" else ["coordinator pin"])
+    assert "not the pinned abababab" in pin.message and "policy.coordinator_fingerprint" in pin.fix
+    done = runner.invoke(app, ["node", "doctor", str(site), "--json"])
+    assert done.exit_code == 6  # a policy matter: the node would refuse this coordinator
+
+
 def test_a_refused_node_still_reads_the_coordinators_clock(federation: Federation) -> None:
     from fedcare.doctor import check_coordinator
 
