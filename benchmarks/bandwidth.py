@@ -6,8 +6,10 @@ four FLamby hospitals) and PneumoniaMNIST (``image-cnn`` of
 same plan runs in simulation with ``compression.method`` none, float16,
 int8 and top-k 1 % (error feedback on, dense tensors refitted: the default),
 and top-k 1 % without the refit, once per plan seed (0 to 4 by default).
-Reported per case, from the run's events (the lines of ``metrics.jsonl``), as
-means over the seeds:
+PneumoniaMNIST runs 60 rounds and is also scored after round 30 of the same
+runs (``--pneumonia-also-at``): one table row per method and horizon, the
+bytes and times of a row counting its rounds only. Reported per case, from
+the run's events (the lines of ``metrics.jsonl``), as means over the seeds:
 
 ``up B/round/site``
     Payload bytes a site uploads per training round (``round_end`` ``bytes``:
@@ -39,7 +41,7 @@ Usage::
 
     .venv/bin/python benchmarks/bandwidth.py                  # both datasets
     .venv/bin/python benchmarks/bandwidth.py --datasets heart  # seconds
-    .venv/bin/python benchmarks/bandwidth.py --pneumonia-rounds 5 --seeds 0 --out /tmp/bandwidth.json
+    .venv/bin/python benchmarks/bandwidth.py --pneumonia-rounds 6 --pneumonia-also-at 3 --seeds 0 --out /tmp/b.json
 
 Results go to ``benchmarks/results/bandwidth.json`` (or ``--out``).
 """
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -77,7 +80,7 @@ GOALS = {"int8": (4.0, 0.5), "topk 1%": (20.0, 1.0)}
 LINK_BYTES_PER_S = 125_000  # 1 Mbit/s
 
 
-def heart_plan(*, rounds: int, compression: dict[str, Any], seed: int = 0) -> Plan:
+def heart_plan(*, rounds: int, compression: dict[str, Any], seed: int = 0, evaluate_every: int | None = None) -> Plan:
     """``plans/heart_disease.yaml``'s federation with a 64-unit MLP and no secure aggregation."""
     return parse_plan(
         {
@@ -89,48 +92,61 @@ def heart_plan(*, rounds: int, compression: dict[str, Any], seed: int = 0) -> Pl
             "min_nodes": 2,
             "local": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "learning_rate": 0.01},
             "strategy": {"name": "fedavg"},
-            "evaluation": {"every_rounds": rounds},
+            "evaluation": {"every_rounds": evaluate_every or rounds},
             "compression": compression,
             "seed": seed,
         }
     )
 
 
-def pneumonia_plan(*, rounds: int, compression: dict[str, Any], seed: int = 0) -> Plan:
-    """``benchmarks/imaging.py``'s FedAvg plan (width 16, GroupNorm) with ``compression``."""
+def pneumonia_plan(
+    *, rounds: int, compression: dict[str, Any], seed: int = 0, evaluate_every: int | None = None
+) -> Plan:
+    """``benchmarks/imaging.py``'s FedAvg plan (width 16, GroupNorm) with ``compression``, evaluated every ``evaluate_every`` rounds."""
     from imaging import make_plan  # the imaging benchmark's own plan
 
     plan = make_plan(rounds=rounds, norm="group", seed=seed)
-    return parse_plan({**plan.model_dump(mode="json", exclude_unset=True), "compression": compression})
+    return parse_plan({**plan.model_dump(mode="json", exclude_unset=True), "compression": compression,
+                       "evaluation": {"every_rounds": evaluate_every or rounds}})  # fmt: skip
 
 
-def run_case(plan: Plan) -> dict[str, Any]:
-    """Simulate ``plan``; upload bytes per round and site, round time at 1 Mbit/s, final scores."""
+def run_case(plan: Plan, *, horizons: Sequence[int] = ()) -> dict[int, dict[str, Any]]:
+    """Simulate ``plan``; per horizon (``plan.rounds`` and each of ``horizons``), scores and costs up to that round.
+
+    Each horizon must be a round the plan evaluates after (a multiple of
+    ``plan.evaluation.every_rounds``). Upload bytes per round and site, and
+    the round time at 1 Mbit/s, are means over the rounds up to the horizon.
+    """
     events: list[dict[str, Any]] = []
     started = time.perf_counter()
     result = simulate(plan, on_event=events.append)
     wall_s = time.perf_counter() - started
-    ends = [e for e in events if e["event"] == "round_end"]
-    sites = sorted({n for e in ends for n in e["bytes"]})
-    up = {n: sum(e["bytes"][n]["up"] for e in ends if n in e["bytes"]) / len(ends) for n in sites}
-    down = {n: sum(e["bytes"][n]["down"] for e in ends if n in e["bytes"]) / len(ends) for n in sites}
-    compute_s = sum(e["duration_s"] for e in ends) / len(ends)
-    ratios = [r for e in ends for r in e.get("compression", {}).get("ratio", {}).values()]
-    link_s = max((down[n] + up[n]) / LINK_BYTES_PER_S for n in sites)
-    final = result.final_evaluation
-    assert final is not None
-    return {
-        "up_bytes_per_round": up,
-        "down_bytes_per_round": down,
-        "up_bytes_per_round_mean": sum(up.values()) / len(up),
-        "update_ratio": sum(ratios) / len(ratios) if ratios else 1.0,
-        "compute_s_per_round": compute_s,
-        "round_s_at_1mbit": link_s + compute_s,
-        "accuracy": final.pooled["accuracy"],
-        "roc_auc": final.pooled.get("roc_auc"),
-        "failures": len(result.failures),
-        "wall_s": wall_s,
-    }
+    evaluations = {e.round: e for e in result.evaluations}
+    cases: dict[int, dict[str, Any]] = {}
+    for horizon in sorted({*horizons, plan.rounds}):
+        if horizon not in evaluations:
+            raise ValueError(f"round {horizon} was not evaluated (plan.evaluation.every_rounds: {plan.evaluation.every_rounds})")
+        ends = [e for e in events if e["event"] == "round_end" and e["round"] <= horizon]
+        sites = sorted({n for e in ends for n in e["bytes"]})
+        up = {n: sum(e["bytes"][n]["up"] for e in ends if n in e["bytes"]) / len(ends) for n in sites}
+        down = {n: sum(e["bytes"][n]["down"] for e in ends if n in e["bytes"]) / len(ends) for n in sites}
+        compute_s = sum(e["duration_s"] for e in ends) / len(ends)
+        ratios = [r for e in ends for r in e.get("compression", {}).get("ratio", {}).values()]
+        link_s = max((down[n] + up[n]) / LINK_BYTES_PER_S for n in sites)
+        scores = evaluations[horizon].pooled
+        cases[horizon] = {
+            "up_bytes_per_round": up,
+            "down_bytes_per_round": down,
+            "up_bytes_per_round_mean": sum(up.values()) / len(up),
+            "update_ratio": sum(ratios) / len(ratios) if ratios else 1.0,
+            "compute_s_per_round": compute_s,
+            "round_s_at_1mbit": link_s + compute_s,
+            "accuracy": scores["accuracy"],
+            "roc_auc": scores.get("roc_auc"),
+            "failures": len([f for f in result.failures if f["round"] <= horizon]),
+            "wall_s": wall_s,
+        }
+    return cases
 
 
 def _mean_over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -149,30 +165,41 @@ def _mean_over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(
-    *, datasets: Sequence[str], heart_rounds: int, pneumonia_rounds: int, seeds: Sequence[int] = (0, 1, 2, 3, 4)
+    *,
+    datasets: Sequence[str],
+    heart_rounds: int,
+    pneumonia_rounds: int,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    pneumonia_also_at: Sequence[int] = (),
 ) -> dict[str, Any]:
+    """Every method on every dataset and seed. ``cases`` is keyed ``DATASET`` (the last round) and ``DATASET@R``."""
     cases: dict[str, dict[str, Any]] = {}
     for dataset in datasets:
-        rows: dict[str, Any] = {}
+        rounds = heart_rounds if dataset == "heart" else pneumonia_rounds
+        earlier = () if dataset == "heart" else tuple(r for r in pneumonia_also_at if r < rounds)
+        every = math.gcd(rounds, *earlier)
+        rows: dict[int, dict[str, Any]] = {horizon: {} for horizon in (*earlier, rounds)}
         for label, compression in METHODS.items():
-            runs = []
+            runs: dict[int, list[dict[str, Any]]] = {horizon: [] for horizon in rows}
             for seed in seeds:
-                if dataset == "heart":
-                    plan = heart_plan(rounds=heart_rounds, compression=compression, seed=seed)
-                else:
-                    plan = pneumonia_plan(rounds=pneumonia_rounds, compression=compression, seed=seed)
-                runs.append({"seed": seed, **run_case(plan)})
-                summary = {k: v for k, v in runs[-1].items() if not isinstance(v, dict)}
+                make = heart_plan if dataset == "heart" else pneumonia_plan
+                plan = make(rounds=rounds, compression=compression, seed=seed, evaluate_every=every)
+                for horizon, case in run_case(plan, horizons=earlier).items():
+                    runs[horizon].append({"seed": seed, **case})
+                summary = {k: v for k, v in runs[rounds][-1].items() if not isinstance(v, dict)}
                 print(f"{dataset} {label}: {json.dumps(summary)}", file=sys.stderr, flush=True)
-            rows[label] = _mean_over_seeds(runs)
-        plain = rows["none"]
-        for label, row in rows.items():
-            row["upload_ratio"] = plain["up_bytes_per_round_mean"] / row["up_bytes_per_round_mean"]
-            row["accuracy_loss_points"] = 100 * (plain["accuracy"] - row["accuracy"])
-            if label in GOALS:
-                least_ratio, most_loss = GOALS[label]
-                row["meets_goal"] = row["upload_ratio"] >= least_ratio and row["accuracy_loss_points"] <= most_loss
-        cases[dataset] = {"rounds": heart_rounds if dataset == "heart" else pneumonia_rounds, "methods": rows}
+            for horizon in rows:
+                rows[horizon][label] = _mean_over_seeds(runs[horizon])
+        for horizon, methods in rows.items():
+            plain = methods["none"]
+            for label, row in methods.items():
+                row["upload_ratio"] = plain["up_bytes_per_round_mean"] / row["up_bytes_per_round_mean"]
+                row["accuracy_loss_points"] = 100 * (plain["accuracy"] - row["accuracy"])
+                if label in GOALS:
+                    least_ratio, most_loss = GOALS[label]
+                    row["meets_goal"] = row["upload_ratio"] >= least_ratio and row["accuracy_loss_points"] <= most_loss
+            key = dataset if horizon == rounds else f"{dataset}@{horizon}"
+            cases[key] = {"dataset": dataset, "rounds": horizon, "methods": methods}
     return {"benchmark": "bandwidth", "goals": GOALS, "link_bytes_per_s": LINK_BYTES_PER_S, "seeds": list(seeds),
             "machine": machine_info(), "cases": cases}  # fmt: skip
 
@@ -181,7 +208,8 @@ def render(payload: dict[str, Any]) -> str:
     headers = ["dataset", "rounds", "method", "up B/round/site", "ratio", "update ratio", "round s @1Mbit", "accuracy", "AUC",
                "loss pts", "goal", "per seed"]  # fmt: skip
     rows = []
-    for dataset, case in payload["cases"].items():
+    for case in payload["cases"].values():
+        dataset = case["dataset"]
         for label, row in case["methods"].items():
             goal = "" if "meets_goal" not in row else ("met" if row["meets_goal"] else "MISSED")
             rows.append([
@@ -198,12 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=("heart", "pneumonia"), default=["heart", "pneumonia"])
     parser.add_argument("--heart-rounds", type=int, default=30)
-    parser.add_argument("--pneumonia-rounds", type=int, default=30)
+    parser.add_argument("--pneumonia-rounds", type=int, default=60)
+    parser.add_argument("--pneumonia-also-at", nargs="*", type=int, default=[30],
+                        help="earlier rounds at which the PneumoniaMNIST runs are also scored")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="plan seeds; results are their means")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     payload = run(datasets=args.datasets, heart_rounds=args.heart_rounds, pneumonia_rounds=args.pneumonia_rounds,
-                  seeds=args.seeds)  # fmt: skip
+                  seeds=args.seeds, pneumonia_also_at=args.pneumonia_also_at)  # fmt: skip
     if args.out is None:
         path = write_results("bandwidth", payload)
     else:

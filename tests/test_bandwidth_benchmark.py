@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bandwidth.py"
 
@@ -20,6 +22,7 @@ def test_bandwidth_benchmark_reports_each_method_as_the_mean_over_its_seeds(tmp_
     payload = json.loads(out.read_text(encoding="utf-8"))
 
     assert payload["seeds"] == [0, 1]
+    assert payload["cases"]["heart"]["dataset"] == "heart" and payload["cases"]["heart"]["rounds"] == 4
     rows = payload["cases"]["heart"]["methods"]
     assert list(rows) == ["none", "float16", "int8", "topk 1%", "topk 1% no refit"]
     for label, row in rows.items():
@@ -33,3 +36,20 @@ def test_bandwidth_benchmark_reports_each_method_as_the_mean_over_its_seeds(tmp_
     assert rows["none"]["accuracy"] > 0.7
     assert rows["int8"]["meets_goal"] == (rows["int8"]["accuracy_loss_points"] <= 0.5)
     assert "per seed" in result.stdout and "topk 1% no refit" in result.stdout
+
+
+def test_an_earlier_horizon_scores_what_a_run_stopped_there_would() -> None:
+    """``--pneumonia-also-at``: round R of a longer run is the model a run of R rounds ends with, costs counted to R."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bandwidth
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    topk = bandwidth.METHODS["topk 1%"]
+    long = bandwidth.run_case(bandwidth.heart_plan(rounds=4, compression=topk, evaluate_every=2), horizons=[2])
+    short = bandwidth.run_case(bandwidth.heart_plan(rounds=2, compression=topk))
+    assert sorted(long) == [2, 4] and sorted(short) == [2]
+    for key in ("accuracy", "roc_auc", "up_bytes_per_round_mean", "update_ratio"):
+        assert long[2][key] == short[2][key], key
+    with pytest.raises(ValueError, match="round 3 was not evaluated"):
+        bandwidth.run_case(bandwidth.heart_plan(rounds=4, compression=topk, evaluate_every=2), horizons=[3])
