@@ -178,11 +178,11 @@ def run(
         rounds = heart_rounds if dataset == "heart" else pneumonia_rounds
         earlier = () if dataset == "heart" else tuple(r for r in pneumonia_also_at if r < rounds)
         every = math.gcd(rounds, *earlier)
+        make = heart_plan if dataset == "heart" else pneumonia_plan
         rows: dict[int, dict[str, Any]] = {horizon: {} for horizon in (*earlier, rounds)}
         for label, compression in METHODS.items():
             runs: dict[int, list[dict[str, Any]]] = {horizon: [] for horizon in rows}
             for seed in seeds:
-                make = heart_plan if dataset == "heart" else pneumonia_plan
                 plan = make(rounds=rounds, compression=compression, seed=seed, evaluate_every=every)
                 for horizon, case in run_case(plan, horizons=earlier).items():
                     runs[horizon].append({"seed": seed, **case})

@@ -20,8 +20,8 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
-import shutil
 import math
+import shutil
 import socket
 import ssl
 import sys
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from fedcare.deployment import NodeConfig
+    from fedcare.federation.policy import NodePolicy
     from fedcare.plan import Plan
 
 __all__ = [
@@ -61,6 +62,7 @@ EXPIRY_WARNING_DAYS = 14
 CLOCK_WARN_S = 60.0
 #: ... and this many a failure: certificates, audit logs and ledgers all read the clock.
 CLOCK_FAIL_S = 300.0
+_NTP_FIX = "set the clock right and keep it synchronised (NTP: timedatectl set-ntp true)"
 #: Warn below this much free disk where the node writes (bytes), fail below a tenth of it.
 MIN_FREE_BYTES = 2 * 1024**3
 
@@ -323,7 +325,7 @@ def check_clock(
             "clock", "fail",
             f"this machine's clock reads {now:%Y-%m-%d %H:%M} UTC, before {what} was issued ({when:%Y-%m-%d %H:%M} UTC): "
             "it is behind by at least " + _duration(when - now),
-            "set the clock right and keep it synchronised (NTP: timedatectl set-ntp true)", area="clock",
+            _NTP_FIX, area="clock",
         )  # fmt: skip
     if coordinator is not None:
         apart = abs(coordinator.offset_s) - coordinator.uncertainty_s  # at least this far apart
@@ -332,8 +334,8 @@ def check_clock(
             return CheckResult(
                 "clock", "fail" if apart > CLOCK_FAIL_S else "warn",
                 f"this machine's clock is {_duration(dt.timedelta(seconds=round(apart)))} {direction} the coordinator's",
-                "set the clock right and keep it synchronised (NTP: timedatectl set-ntp true); if this machine's "
-                "clock is right, tell the federation's operator that the coordinator's is not", area="clock",
+                f"{_NTP_FIX}; if this machine's clock is right, tell the federation's operator that the "
+                "coordinator's is not", area="clock",
             )  # fmt: skip
         within = max(round(abs(coordinator.offset_s) + coordinator.uncertainty_s), 1)
         return CheckResult("clock", "ok", f"{now:%Y-%m-%d %H:%M} UTC, within {within} s of the coordinator's clock", area="clock")
@@ -524,20 +526,22 @@ def check_coordinator(
     return results, server, clock
 
 
-def check_coordinator_pin(server: x509.Certificate | None, *, pinned: str | None) -> CheckResult | None:
+def check_coordinator_pin(server: x509.Certificate | None, *, policy: NodePolicy) -> CheckResult | None:
     """Check the coordinator's certificate against the policy's ``coordinator_fingerprint``, if the site pins one.
 
-    A node refuses a coordinator whose certificate is not the pinned one (a
-    rotated server certificate, or another coordinator), so this names it
-    before the node is started. None when nothing is pinned.
+    The node refuses a coordinator whose certificate is not the pinned one (a
+    rotated server certificate, or another coordinator) by the same rule
+    (:meth:`NodePolicy.check_coordinator`), so this names it before the node
+    is started. None when nothing is pinned.
 
     Parameters
     ----------
     server : x509.Certificate, optional
         The certificate the coordinator presented in the TLS handshake (None: not reached).
-    pinned : str, optional
-        The policy's ``coordinator_fingerprint`` (SHA-256, lower-case hex).
+    policy : NodePolicy
+        The site's policy (node.yaml's ``policy``).
     """
+    pinned = policy.coordinator_fingerprint
     if pinned is None:
         return None
     if server is None:
@@ -547,17 +551,19 @@ def check_coordinator_pin(server: x509.Certificate | None, *, pinned: str | None
     from cryptography.hazmat.primitives import hashes
 
     seen = server.fingerprint(hashes.SHA256()).hex()
-    if seen == pinned:
-        return CheckResult("coordinator pin", "ok", f"the coordinator's certificate is the pinned one ({pinned[:16]}...)",
-                           area="admission")  # fmt: skip
-    return CheckResult(
-        "coordinator pin", "fail",
-        f"the coordinator's certificate has SHA-256 {seen[:16]}..., not the pinned {pinned[:16]}...: the node would "
-        "refuse this coordinator",
-        "if the federation's operator rotated the server certificate, confirm its new fingerprint with them "
-        "(fedcare certs fingerprint) and update policy.coordinator_fingerprint in node.yaml; otherwise check the "
-        "coordinator's address", area="admission",
-    )  # fmt: skip
+    try:
+        policy.check_coordinator(seen)
+    except PolicyViolation:
+        return CheckResult(
+            "coordinator pin", "fail",
+            f"the coordinator's certificate has SHA-256 {seen[:16]}..., not the pinned {pinned[:16]}...: the node would "
+            "refuse this coordinator",
+            "if the federation's operator rotated the server certificate, confirm its new fingerprint with them "
+            "(fedcare certs fingerprint) and update policy.coordinator_fingerprint in node.yaml; otherwise check the "
+            "coordinator's address", area="admission",
+        )  # fmt: skip
+    return CheckResult("coordinator pin", "ok", f"the coordinator's certificate is the pinned one ({pinned[:16]}...)",
+                       area="admission")  # fmt: skip
 
 
 def _check_admission(
@@ -818,7 +824,7 @@ def diagnose(
     if server is not None:
         references.append(("the coordinator's certificate", server.not_valid_before_utc))
     results += network
-    pin = check_coordinator_pin(server, pinned=config.policy.coordinator_fingerprint)
+    pin = check_coordinator_pin(server, policy=config.policy)
     if pin is not None:
         results.append(pin)
     results.append(check_clock(references, coordinator=clock))
